@@ -1,0 +1,63 @@
+# One virtual environment (.venv), filled per need: `make serve` installs only the serving extra (no torch);
+# `make test`, `make train` and `make export` add the training and test extras.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+PIP    := $(BIN)/python -m pip
+STAMP  := $(VENV)/.stamp
+
+MODELS ?= cnn mlp
+
+.PHONY: serve test lint format data train export evaluate bento container loadtest bench soak sysdeps clean help
+
+help:  ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+
+$(STAMP)-serving: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e '.[serving]'
+	touch $@
+
+$(STAMP)-dev: pyproject.toml | $(BIN)/python
+	$(PIP) install -q -e '.[serving,training,tests]'
+	touch $@ $(STAMP)-serving
+
+serve: $(STAMP)-serving  ## set up and serve the shipped model on http://localhost:3000 (UI at /ui)
+	$(BIN)/bentoml serve
+
+sysdeps:  ## system packages the tests use (Chromium, Podman, runc, debootstrap); needs root
+	bash scripts/install-system-deps.sh
+
+lint: $(STAMP)-dev  ## ruff lint and format check
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+format: $(STAMP)-dev  ## apply ruff's formatting and safe fixes
+	$(BIN)/ruff format .
+	$(BIN)/ruff check --fix .
+
+test: sysdeps $(STAMP)-dev lint  ## set up and run the whole test suite (what CI runs)
+	$(BIN)/python -m training data
+	$(BIN)/python -m pytest
+
+data: $(STAMP)-dev  ## fetch and verify MNIST into data/mnist
+	$(BIN)/python -m training data
+
+train: $(STAMP)-dev  ## train the default recipes (MODELS="cnn mlp") into runs/
+	for m in $(MODELS); do $(BIN)/python -m training train --model $$m || exit 1; done
+
+export: $(STAMP)-dev  ## export the newest run of each model into exported/ (verified)
+	for m in $(MODELS); do \
+	  ckpt=$$(ls -td runs/$$m-*/ 2>/dev/null | head -1)best.pt; \
+	  test -f "$$ckpt" || { echo "no run of $$m in runs/: make train first"; exit 1; }; \
+	  $(BIN)/python -m training export "$$ckpt" --out exported/ || exit 1; \
+	done
+
+evaluate: $(STAMP)-dev  ## test accuracy of the shipped ONNX files with ONNX Runtime
+	for f in exported/*.onnx; do $(BIN)/python -m training evaluate $$f || exit 1; done
+
+clean:  ## remove the virtual environment and caches (keeps data/ and runs/)
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,18 @@
+#!/usr/bin/env bash
+# Installs the Debian packages the test suite drives for real: Chromium (browser test), Podman + runc +
+# debootstrap (container test). Skips what is present; needs root (or passwordless sudo) for what is missing.
+set -euo pipefail
+declare -A need=([chromium]=chromium [podman]=podman [runc]=runc [debootstrap]=debootstrap [npm]=npm)
+missing=()
+for bin in "${!need[@]}"; do command -v "$bin" >/dev/null 2>&1 || missing+=("${need[$bin]}"); done
+if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
+sudo=""
+if [ "$(id -u)" != 0 ]; then
+  if command -v sudo >/dev/null && sudo -n true 2>/dev/null; then sudo="sudo -n"; else
+    echo "missing system packages: ${missing[*]} (run as root: apt-get install ${missing[*]})" >&2; exit 1
+  fi
+fi
+echo "installing system packages: ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+$sudo apt-get update -qq
+$sudo apt-get install -y -qq "${missing[@]}" >/dev/null

@@ -1,0 +1,99 @@
+"""Export of a freshly trained tiny model: metadata, verification, ONNX-only evaluation, models.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+import torch
+
+from training.data import load_arrays, load_mnist
+from training.evaluate import evaluate_onnx, load_checkpoint
+from training.export import REQUIRED_METADATA, ExportError, export, file_sha256, verify
+from training.models import build
+from training.train import default_recipe, train
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory: pytest.TempPathFactory):
+    recipe = default_recipe("cnn-tiny", epochs=1, train_subset=5000)
+    data = load_mnist(val_size=recipe.val_size, seed=recipe.seed, train_subset=recipe.train_subset)
+    run = train(recipe, torch.device("cpu"), data, runs_dir=tmp_path_factory.mktemp("runs"), command="pytest")
+    out = tmp_path_factory.mktemp("exported")
+    report = export(run.checkpoint, out, name="mnist-test-tiny")
+    return run, report, out
+
+
+def metadata(path: Path) -> dict[str, str]:
+    return {p.key: p.value for p in onnx.load(str(path)).metadata_props}
+
+
+def test_graph_signature_is_the_contract(exported) -> None:
+    _, report, _ = exported
+    session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    (inp,) = session.get_inputs()
+    assert inp.name == "image" and inp.type == "tensor(float)"
+    assert inp.shape[1:] == [1, 28, 28] and not isinstance(inp.shape[0], int)  # symbolic batch dimension
+    assert [o.name for o in session.get_outputs()] == ["probabilities", "logits"]
+    digits = load_arrays()["t10k-images-idx3-ubyte"][:5, None].astype(np.float32) / 255.0
+    probabilities, logits = session.run(None, {"image": digits})
+    np.testing.assert_allclose(probabilities.sum(1), 1.0, atol=1e-5)
+    # The graph normalises and applies softmax itself: probabilities are softmax(logits).
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    np.testing.assert_allclose(probabilities, expected / expected.sum(1, keepdims=True), atol=1e-6)
+    assert onnx.load(str(report.path)).opset_import[0].version == 18
+
+
+def test_metadata_is_complete_and_true(exported) -> None:
+    run, report, _ = exported
+    meta = metadata(report.path)
+    assert set(REQUIRED_METADATA) <= set(meta)
+    assert meta["model_name"] == "mnist-test-tiny" and meta["architecture"] == "cnn-tiny"
+    assert json.loads(meta["labels"]) == [str(d) for d in range(10)]
+    assert json.loads(meta["input_shape"]) == [-1, 1, 28, 28] and json.loads(meta["input_range"]) == [
+        0.0,
+        1.0,
+    ]
+    assert meta["input_polarity"] == "white-on-black"
+    assert json.loads(meta["normalization"]) == {"mean": 0.1307, "std": 0.3081, "applied_in_graph": True}
+    assert int(meta["parameters"]) == report.parameters
+    assert meta["run_id"] == run.metrics["run_id"] and json.loads(meta["recipe"])["model"] == "cnn-tiny"
+    assert float(meta["test_accuracy"]) == pytest.approx(report.onnx_test_accuracy, abs=5e-5)
+
+
+def test_verification_figures(exported) -> None:
+    run, report, _ = exported
+    assert set(report.max_abs_diff) == {1, 7, 256}
+    assert max(report.max_abs_diff.values()) <= 1e-5
+    assert report.onnx_test_accuracy == report.torch_test_accuracy
+    assert report.torch_test_accuracy == pytest.approx(run.metrics["test_accuracy"], abs=1e-4)
+
+
+def test_verification_rejects_a_graph_that_does_not_match_the_model(exported) -> None:
+    run, report, _ = exported
+    arrays = load_arrays()
+    images, labels = arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
+    model, _ = load_checkpoint(run.checkpoint)
+    verify(report.path, model, images, labels)  # the real pair passes
+    torch.manual_seed(1)
+    with pytest.raises(ExportError, match="differs from torch"):
+        verify(report.path, build("cnn-tiny").eval(), images, labels)
+
+
+def test_onnx_only_evaluation_matches(exported) -> None:
+    _, report, _ = exported
+    assert evaluate_onnx(report.path)["accuracy"] == report.onnx_test_accuracy
+
+
+def test_models_json_lists_the_file(exported) -> None:
+    run, report, out = exported
+    index = json.loads((out / "models.json").read_text())["models"]
+    entry = index["mnist-test-tiny"]
+    assert entry["file"] == report.path.name and entry["sha256"] == file_sha256(report.path)
+    assert entry["test_accuracy"] == pytest.approx(report.onnx_test_accuracy, abs=5e-5)
+    assert entry["opset"] == 18 and entry["parameters"] == report.parameters
+    assert entry["run_id"] == run.metrics["run_id"] and "python -m training export" in entry["export_command"]

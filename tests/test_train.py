@@ -1,0 +1,80 @@
+"""A short real training run on real MNIST (CPU), its artefacts, and the checkpoint round trip."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from training.data import load_mnist
+from training.evaluate import load_checkpoint
+from training.train import default_recipe, normalise, pick_device, train
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory: pytest.TempPathFactory):
+    recipe = default_recipe("cnn", epochs=1, train_subset=5000)
+    data = load_mnist(val_size=recipe.val_size, seed=recipe.seed, train_subset=recipe.train_subset)
+    return train(
+        recipe, torch.device("cpu"), data, runs_dir=tmp_path_factory.mktemp("runs"), command="pytest"
+    )
+
+
+def test_one_epoch_on_5000_images_reaches_90_percent(short_run) -> None:
+    assert short_run.metrics["best_val_accuracy"] >= 0.90
+    assert short_run.metrics["test_accuracy"] >= 0.90
+
+
+def test_run_directory_holds_every_artefact(short_run) -> None:
+    run_dir: Path = short_run.run_dir
+    for name in ("best.pt", "metrics.json", "curves.png", "confusion.png"):
+        assert (run_dir / name).stat().st_size > 0, name
+    for name in ("curves.png", "confusion.png"):
+        assert (run_dir / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    for key in (
+        "history",
+        "test_accuracy",
+        "per_class_accuracy",
+        "confusion_matrix",
+        "train_seconds",
+        "device",
+        "versions",
+        "data_sha256",
+        "recipe",
+        "best_epoch",
+    ):
+        assert key in metrics, key
+    assert {"train_loss", "val_loss", "val_accuracy", "seconds"} <= set(metrics["history"][0])
+    assert len(metrics["per_class_accuracy"]) == 10
+    assert sum(map(sum, metrics["confusion_matrix"])) == 10000
+    assert metrics["device"] == "cpu"
+
+
+def test_checkpoint_loads_safely_and_reproduces_outputs(short_run) -> None:
+    raw = torch.load(short_run.checkpoint, weights_only=True)  # no pickled objects allowed
+    assert raw["arch"] == "cnn" and raw["normalization"] == {"mean": 0.1307, "std": 0.3081}
+    model, _ = load_checkpoint(short_run.checkpoint)
+    again, _ = load_checkpoint(short_run.checkpoint)
+    data = load_mnist(val_size=0)
+    with torch.no_grad():
+        assert torch.equal(model(normalise(data.test_images[:32])), again(normalise(data.test_images[:32])))
+        accuracy = (model(normalise(data.test_images)).argmax(1) == data.test_labels).float().mean().item()
+    # The reloaded weights are the ones whose test accuracy the run reported.
+    assert accuracy == pytest.approx(short_run.metrics["test_accuracy"], abs=1e-4)
+
+
+def test_same_seed_repeats_the_run_on_the_same_device(short_run, tmp_path: Path) -> None:
+    recipe = default_recipe("cnn", epochs=1, train_subset=5000)
+    again = train(recipe, torch.device("cpu"), runs_dir=tmp_path, command="pytest")
+    assert again.metrics["history"][0]["val_accuracy"] == short_run.metrics["history"][0]["val_accuracy"]
+
+
+def test_cuda_without_a_gpu_is_a_clear_error() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has a CUDA GPU")
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        pick_device("cuda")
+    assert pick_device("auto").type == "cpu"

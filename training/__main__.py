@@ -1,0 +1,179 @@
+"""Command line: ``python -m training {data,train,evaluate,export}``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from pathlib import Path
+
+from training.data import DEFAULT_CACHE, DataError
+
+EXPORT_DIR = Path(__file__).resolve().parent.parent / "exported"
+
+
+def _data_dir(value: str | None) -> Path | None:
+    # The flag wins; MNIST_DATA_DIR is the environment's way to say the same thing.
+    value = value or os.environ.get("MNIST_DATA_DIR")
+    return Path(value) if value else None
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    from training.data import locate
+
+    paths = locate(_data_dir(args.data_dir))
+    for name, path in paths.items():
+        print(f"{name}: {path} (SHA-256 verified)")
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from training.models import MODELS
+    from training.train import default_recipe, pick_device, train
+
+    if args.model not in MODELS:
+        raise ValueError(f"unknown model {args.model!r}; choose one of {', '.join(MODELS)}")
+    device = pick_device(args.device)
+    model_args = None
+    if args.hidden is not None or args.dropout is not None or args.channels is not None:
+        recipe = default_recipe(args.model)
+        model_args = dict(recipe.model_args)
+        for key in ("hidden", "dropout", "channels"):
+            value = getattr(args, key)
+            if value is not None:
+                model_args[key] = value[0] if key == "hidden" and args.model == "cnn" else value
+    recipe = default_recipe(
+        args.model,
+        model_args=model_args,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        val_size=args.val_size,
+        train_subset=args.train_subset,
+        augment=False if args.no_augment else None,
+        patience=args.patience,
+    )
+    from training.data import load_mnist
+
+    data = load_mnist(_data_dir(args.data_dir), recipe.val_size, recipe.seed, recipe.train_subset)
+    command = "python -m training " + " ".join(shlex.quote(a) for a in args.argv)
+    result = train(recipe, device, data, command=command)
+    m = result.metrics
+    print(f"run: {result.run_dir}")
+    print(f"best epoch {m['best_epoch']}: validation accuracy {100 * m['best_val_accuracy']:.2f}%")
+    print(f"test accuracy {100 * m['test_accuracy']:.2f}% on {len(data.test_labels)} images")
+    print(f"training wall time {m['train_seconds']:.1f} s on {m['device_name']}")
+    if args.target is not None and m["test_accuracy"] < args.target:
+        print(f"FAILED: test accuracy below the target {100 * args.target:.2f}%", file=sys.stderr)
+        return 1
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from training.evaluate import evaluate_checkpoint, evaluate_onnx
+
+    path = Path(args.file)
+    if not path.is_file():
+        raise ValueError(f"no such file: {path}")
+    result = (
+        evaluate_onnx(path, _data_dir(args.data_dir))
+        if path.suffix == ".onnx"
+        else evaluate_checkpoint(path, _data_dir(args.data_dir))
+    )
+    print(f"{path}: test accuracy {100 * result['accuracy']:.2f}% on {result['count']} images")
+    for digit, acc in enumerate(result["per_class_accuracy"]):
+        print(f"  digit {digit}: {100 * acc:.2f}%")
+    if args.json:
+        print(json.dumps(result))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from training.export import export
+
+    report = export(
+        Path(args.checkpoint),
+        Path(args.out),
+        name=args.name,
+        int8=args.int8,
+        data_dir=_data_dir(args.data_dir),
+    )
+    for line in report.summary():
+        print(line)
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m training", description=__doc__)
+    p.add_argument("-v", "--verbose", action="store_true", help="log every step")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    def with_data(sp: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        sp.add_argument(
+            "--data-dir",
+            help=f"directory with the MNIST IDX files (default: $MNIST_DATA_DIR, then "
+            f"the cache {DEFAULT_CACHE}, then downloads)",
+        )
+        return sp
+
+    with_data(sub.add_parser("data", help="find, download and verify the MNIST files")).set_defaults(
+        fn=cmd_data
+    )
+
+    t = with_data(sub.add_parser("train", help="train a model; writes runs/<model>-<time>/"))
+    t.add_argument("--model", default="cnn", help="mlp, cnn or cnn-tiny (default: cnn)")
+    t.add_argument("--device", default="auto", help="auto, cuda or cpu (default: auto = CUDA when available)")
+    t.add_argument("--epochs", type=int, help="default: the model's recipe")
+    t.add_argument("--batch-size", type=int, help="default: 128")
+    t.add_argument("--lr", type=float, help="peak one-cycle learning rate (default: the model's recipe)")
+    t.add_argument("--hidden", type=int, nargs="+", help="hidden sizes (mlp) or dense width (cnn)")
+    t.add_argument("--dropout", type=float, help="dropout probability")
+    t.add_argument("--channels", type=int, nargs=2, help="cnn: channels of the two conv blocks")
+    t.add_argument("--no-augment", action="store_true", help="turn batch augmentation off")
+    t.add_argument("--patience", type=int, help="early stopping patience in epochs (default: 5)")
+    t.add_argument("--seed", type=int, help="seed for split, init and batches (default: 0)")
+    t.add_argument(
+        "--val-size", type=int, help="validation images held out of the training set (default: 5000)"
+    )
+    t.add_argument("--train-subset", type=int, help="train on only this many images (quick runs)")
+    t.add_argument("--target", type=float, help="exit non-zero if test accuracy (fraction) ends below this")
+    t.set_defaults(fn=cmd_train)
+
+    e = with_data(
+        sub.add_parser("evaluate", help="test accuracy of a checkpoint (.pt) or an ONNX file (.onnx)")
+    )
+    e.add_argument("file")
+    e.add_argument("--json", action="store_true", help="also print the full result as JSON")
+    e.set_defaults(fn=cmd_evaluate)
+
+    x = with_data(sub.add_parser("export", help="export a checkpoint to verified ONNX"))
+    x.add_argument("checkpoint")
+    x.add_argument("--out", default=str(EXPORT_DIR), help=f"output directory (default: {EXPORT_DIR})")
+    x.add_argument("--name", help="model name, e.g. mnist-cnn (default: mnist-<arch>)")
+    x.add_argument(
+        "--int8", action="store_true", help="also write a statically quantised CPU variant if it pays"
+    )
+    x.set_defaults(fn=cmd_export)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    args.argv = sys.argv[1:] if argv is None else argv
+    logging.basicConfig(
+        level=logging.INFO if args.verbose or args.command == "data" else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return args.fn(args)
+    except (DataError, ValueError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
