@@ -9,9 +9,7 @@ import pytest
 
 
 def run(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "training", *args], capture_output=True, text=True, timeout=300
-    )
+    return subprocess.run([sys.executable, "-m", "training", *args], capture_output=True, text=True, timeout=300)
 
 
 @pytest.mark.parametrize("command", [[], ["train"], ["export"], ["evaluate"], ["data"]])
@@ -42,3 +40,14 @@ def test_data_reports_verified_files() -> None:
     result = run("data")
     assert result.returncode == 0
     assert result.stdout.count("SHA-256 verified") == 4
+
+
+def test_evaluating_an_onnx_file_needs_no_torch() -> None:
+    # Importing torch is made to fail: the ONNX path must still measure the shipped model.
+    code = (
+        "import sys; sys.modules['torch'] = None; from training.__main__ import main; "
+        "sys.exit(main(['evaluate', 'exported/mnist-cnn-tiny.onnx']))"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    assert "test accuracy" in result.stdout and "digit 9:" in result.stdout

@@ -120,9 +120,7 @@ def parser() -> argparse.ArgumentParser:
         )
         return sp
 
-    with_data(sub.add_parser("data", help="find, download and verify the MNIST files")).set_defaults(
-        fn=cmd_data
-    )
+    with_data(sub.add_parser("data", help="find, download and verify the MNIST files")).set_defaults(fn=cmd_data)
 
     t = with_data(sub.add_parser("train", help="train a model; writes runs/<model>-<time>/"))
     t.add_argument("--model", default="cnn", help="mlp, cnn or cnn-tiny (default: cnn)")
@@ -136,16 +134,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--no-augment", action="store_true", help="turn batch augmentation off")
     t.add_argument("--patience", type=int, help="early stopping patience in epochs (default: 5)")
     t.add_argument("--seed", type=int, help="seed for split, init and batches (default: 0)")
-    t.add_argument(
-        "--val-size", type=int, help="validation images held out of the training set (default: 5000)"
-    )
+    t.add_argument("--val-size", type=int, help="validation images held out of the training set (default: 5000)")
     t.add_argument("--train-subset", type=int, help="train on only this many images (quick runs)")
     t.add_argument("--target", type=float, help="exit non-zero if test accuracy (fraction) ends below this")
     t.set_defaults(fn=cmd_train)
 
-    e = with_data(
-        sub.add_parser("evaluate", help="test accuracy of a checkpoint (.pt) or an ONNX file (.onnx)")
-    )
+    e = with_data(sub.add_parser("evaluate", help="test accuracy of a checkpoint (.pt) or an ONNX file (.onnx)"))
     e.add_argument("file")
     e.add_argument("--json", action="store_true", help="also print the full result as JSON")
     e.set_defaults(fn=cmd_evaluate)
@@ -154,9 +148,7 @@ def parser() -> argparse.ArgumentParser:
     x.add_argument("checkpoint")
     x.add_argument("--out", default=str(EXPORT_DIR), help=f"output directory (default: {EXPORT_DIR})")
     x.add_argument("--name", help="model name, e.g. mnist-cnn (default: mnist-<arch>)")
-    x.add_argument(
-        "--int8", action="store_true", help="also write a statically quantised CPU variant if it pays"
-    )
+    x.add_argument("--int8", action="store_true", help="also write a statically quantised CPU variant if it pays")
     x.set_defaults(fn=cmd_export)
     return p
 
@@ -164,10 +156,8 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else argv
-    logging.basicConfig(
-        level=logging.INFO if args.verbose or args.command == "data" else logging.WARNING,
-        format="%(levelname)s %(name)s: %(message)s",
-    )
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
+    logging.getLogger("training.data").setLevel(logging.INFO)  # say which data source is being tried
     try:
         return args.fn(args)
     except (DataError, ValueError, FileNotFoundError) as exc:

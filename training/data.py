@@ -78,9 +78,7 @@ def read_idx(path: Path) -> np.ndarray:
     shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     count = int(np.prod(shape))
     if len(raw) - header != count:
-        raise DataError(
-            f"{path}: expected {count} bytes of data for shape {shape}, found {len(raw) - header}"
-        )
+        raise DataError(f"{path}: expected {count} bytes of data for shape {shape}, found {len(raw) - header}")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 
@@ -153,9 +151,7 @@ def locate(data_dir: Path | None = None, cache: Path = DEFAULT_CACHE) -> dict[st
     """Find verified MNIST files, downloading into ``cache`` when needed. Returns file name -> path."""
     tried: list[str] = []
 
-    def attempt(
-        label: str, directory: Path, fetch: Callable[[Path], None] | None = None
-    ) -> dict[str, Path] | None:
+    def attempt(label: str, directory: Path, fetch: Callable[[Path], None] | None = None) -> dict[str, Path] | None:
         log.info("MNIST source: %s (%s)", label, directory)
         try:
             if fetch is not None:

@@ -29,9 +29,7 @@ def summarise(predictions: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
-def evaluate_model(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device
-) -> dict:
+def evaluate_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> dict:
     """Evaluate ``model`` (eval mode, no grad) on uint8 images [N, 28, 28]; adds the mean cross-entropy loss."""
     import torch
     import torch.nn.functional as F

@@ -167,9 +167,7 @@ def verify(
         actual = session.run([OUTPUT_NAMES[0]], {INPUT_NAME: x})[0]
         diffs[batch] = float(np.abs(actual - expected).max())
         if actual.shape != (batch, 10) or diffs[batch] > TOLERANCE:
-            raise ExportError(
-                f"batch {batch}: ONNX Runtime differs from torch by {diffs[batch]:.2e} > {TOLERANCE}"
-            )
+            raise ExportError(f"batch {batch}: ONNX Runtime differs from torch by {diffs[batch]:.2e} > {TOLERANCE}")
     with torch.no_grad():
         torch_probs = np.concatenate(
             [

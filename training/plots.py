@@ -41,9 +41,7 @@ def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> None:
     image = ax.imshow(np.log1p(m), cmap="Blues")
     for (i, j), count in np.ndenumerate(m):
         if count:
-            ax.text(
-                j, i, str(count), ha="center", va="center", fontsize=8, color="white" if i == j else "black"
-            )
+            ax.text(j, i, str(count), ha="center", va="center", fontsize=8, color="white" if i == j else "black")
     ax.set_xticks(range(10))
     ax.set_yticks(range(10))
     ax.set_xlabel("predicted digit")

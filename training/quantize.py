@@ -28,10 +28,7 @@ CALIBRATION_IMAGES = 512
 class _Calibration(CalibrationDataReader):
     def __init__(self, images: np.ndarray, input_name: str, batch: int = 64) -> None:
         self._batches = iter(
-            [
-                {input_name: images[i : i + batch, None].astype(np.float32) / 255.0}
-                for i in range(0, len(images), batch)
-            ]
+            [{input_name: images[i : i + batch, None].astype(np.float32) / 255.0} for i in range(0, len(images), batch)]
         )
 
     def get_next(self) -> dict | None:
@@ -75,9 +72,9 @@ def quantize_if_worth_it(fp32_path: Path, arrays: dict[str, np.ndarray], fp32_ac
         )
         session = ort.InferenceSession(str(candidate), providers=["CPUExecutionProvider"])
         labels = arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
-        int8_accuracy = summarise(
-            onnx_probabilities(session, arrays["t10k-images-idx3-ubyte"]).argmax(1), labels
-        )["accuracy"]
+        int8_accuracy = summarise(onnx_probabilities(session, arrays["t10k-images-idx3-ubyte"]).argmax(1), labels)[
+            "accuracy"
+        ]
         x = arrays["t10k-images-idx3-ubyte"][:64, None].astype(np.float32) / 255.0
         fp32_ms, int8_ms = 1000 * _median_latency(fp32_path, x), 1000 * _median_latency(candidate, x)
         kept = fp32_accuracy - int8_accuracy <= MAX_ACCURACY_LOSS and fp32_ms / int8_ms >= MIN_SPEEDUP

@@ -75,9 +75,7 @@ def pick_device(name: str) -> torch.device:
     if name not in ("auto", "cuda", "cpu"):
         raise ValueError(f"unknown device {name!r}; choose auto, cuda or cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            "device 'cuda' requested but torch sees no CUDA GPU (torch.cuda.is_available() is False)"
-        )
+        raise ValueError("device 'cuda' requested but torch sees no CUDA GPU (torch.cuda.is_available() is False)")
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
@@ -150,9 +148,7 @@ def train(
     torch.manual_seed(recipe.seed)
     if device.type == "cpu":
         configure_cpu_threads()
-    data = (
-        data or load_mnist(val_size=recipe.val_size, seed=recipe.seed, train_subset=recipe.train_subset)
-    ).to(device)
+    data = (data or load_mnist(val_size=recipe.val_size, seed=recipe.seed, train_subset=recipe.train_subset)).to(device)
     model = build(recipe.model, **recipe.model_args).to(device)
     use_amp = device.type == "cuda"
     if use_amp and recipe.model != "mlp":
@@ -180,9 +176,7 @@ def train(
         model.train()
         order = torch.randperm(len(data.train_images), generator=generator, device=device)
         total_loss, seen = torch.zeros((), device=device), 0
-        batches = tqdm(
-            range(steps_per_epoch), desc=f"epoch {epoch}", leave=False, unit="batch", file=sys.stderr
-        )
+        batches = tqdm(range(steps_per_epoch), desc=f"epoch {epoch}", leave=False, unit="batch", file=sys.stderr)
         for step in batches:
             idx = order[step * recipe.batch_size : (step + 1) * recipe.batch_size]
             x = data.train_images[idx].unsqueeze(1).float() / 255.0
