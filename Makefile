@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.stamp
 
 MODELS ?= cnn mlp
 
-.PHONY: serve test lint format data train export evaluate bento container loadtest bench soak sysdeps clean help
+.PHONY: serve test lint format data train export evaluate bento container loadtest bench bench-preprocess soak sysdeps clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -58,6 +58,9 @@ export: $(STAMP)-dev  ## export the newest run of each model into exported/ (ver
 
 evaluate: $(STAMP)-dev  ## test accuracy of the shipped ONNX files with ONNX Runtime
 	for f in exported/*.onnx; do $(BIN)/python -m training evaluate $$f || exit 1; done
+
+bench-preprocess: $(STAMP)-dev  ## accuracy on realistic uploads: tutorial preprocessing vs ours
+	$(BIN)/python benchmarks/preprocess_accuracy.py --model exported/mnist-cnn.onnx --count 1000
 
 clean:  ## remove the virtual environment and caches (keeps data/ and runs/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache

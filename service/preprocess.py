@@ -1,0 +1,368 @@
+"""Uploaded image bytes -> the 28x28 float32 array an MNIST model expects.
+
+Pure functions (Pillow + numpy only), so they are tested on their own and reused by the service.
+
+The recipe is the one the makers of MNIST used (LeCun, Cortes, Burges): the digit's ink is cropped to its
+bounding box, scaled to fit a 20x20 box keeping its aspect ratio with anti-aliasing, and placed in a 28x28
+field so that its centre of mass lands on the centre. Measured on the 70,000 MNIST digits: the bounding box
+of the non-zero pixels has a longest side of exactly 20 (99.97%), and the centre of mass, in pixel-index
+coordinates (row, col) = sum(index * value) / sum(value), lies in [13.5, 14.5] on both axes -- an integer
+shift rounded towards (14, 14). Real uploads add what MNIST never had: dark ink on light paper, colour,
+transparency (canvas exports are often ink only in alpha), EXIF rotation, 16-bit depth, JPEG noise, big
+margins. Those are undone first; an image already in MNIST format passes through unchanged.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+MNIST_SIDE = 28
+DIGIT_BOX = 20
+# Where MNIST puts the centre of mass (pixel-index coordinates, see the module docstring).
+TARGET_CENTRE = 14.0
+
+# Analysis runs on a copy whose longer side is at most this: enough for a digit that fills a tenth of a
+# photo to still span 50 px (more than the 20 px it ends up as), and it bounds the per-image cost.
+WORK_SIDE = 512
+
+# Formats we decode. An explicit list, because Pillow's full set includes EPS (which runs Ghostscript)
+# and rarely used parsers that add attack surface. (Phone JPEGs that Pillow calls MPO open through JPEG.)
+FORMATS = ("PNG", "JPEG", "GIF", "BMP", "DIB", "WEBP", "TIFF", "PPM", "TGA", "ICO", "AVIF")
+_FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP, TIFF"
+
+# Ink must differ from the paper by at least this (on a 0..1 scale) and by this many noise sigmas (of
+# the 3x3-smoothed image) to count as a digit: JPEG artefacts and sensor noise on blank paper stay below.
+MIN_CONTRAST = 0.1
+MIN_NOISE_SIGMAS = 6.0
+# Mask for the bounding box: smoothed ink above this fraction of the contrast.
+MASK_LEVEL = 0.3
+# Ink values are stretched so that LOW..HIGH (fractions of the contrast) maps to 0..1: paper texture below
+# LOW disappears, stroke cores above HIGH saturate, as about half of MNIST's ink pixels do (>= 224/255).
+INK_LOW = 0.15
+INK_HIGH = 0.75
+# Stroke width relative to the digit's longer side (2 * area / perimeter of the inked mask): MNIST's median
+# is 0.09 and its 5th percentile 0.06. Finer strokes (a ballpoint on a big photo) are thickened to about
+# the median before shrinking, or they would fade to faint one-pixel lines the model has never seen.
+THIN_STROKE = 0.06
+TARGET_STROKE = 0.09
+# A run of rows/columns separated from the digit by empty lines, with less than this fraction of the ink,
+# is a speck of dirt or a stray mark, not part of the digit: it must not stretch the bounding box.
+SPECK_FRACTION = 0.03
+
+
+class ImageError(ValueError):
+    """The client sent something we cannot turn into a digit; str(e) names the problem.
+
+    `status` is the HTTP status to answer with: 400 bad/undecodable/blank image, 413 too many bytes or
+    pixels, 422 bad pixel array.
+    """
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
+    """Decode `data` (any format in FORMATS) into a loaded Pillow image, EXIF orientation applied.
+
+    The pixel count is checked from the header before anything is decoded, so a small file that claims
+    huge dimensions (a decompression bomb) costs nothing. Every Pillow failure becomes an ImageError.
+    """
+    size = len(data)
+    if size == 0:
+        raise ImageError(400, "empty image: the upload has no bytes")
+    if size > max_bytes:
+        raise ImageError(413, f"image too large: {size} bytes; the limit is {max_bytes} bytes")
+    try:
+        image = Image.open(io.BytesIO(data), formats=FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(413, f"image has too many pixels: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        raise ImageError(400, f"not an image: the bytes are not a {_FORMAT_NAMES} file") from exc
+    except Exception as exc:  # Pillow's parsers raise many types (SyntaxError, struct.error, ...)
+        raise ImageError(400, f"not an image: unreadable header ({exc})") from exc
+
+    width, height = image.size
+    if width * height > max_pixels:
+        raise ImageError(
+            413,
+            f"image has too many pixels: {width}x{height} = {width * height}; the limit is {max_pixels}",
+        )
+    if width == 0 or height == 0:
+        raise ImageError(400, f"image has no pixels: {width}x{height}")
+    try:
+        if image.format in ("JPEG", "MPO") and max(width, height) > 2 * WORK_SIDE:
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale for almost nothing: big photos get cheap.
+            image.draft(None, (WORK_SIDE, WORK_SIDE))
+        image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+    except Image.DecompressionBombError as exc:
+        raise ImageError(413, f"image has too many pixels: {exc}") from exc
+    except Exception as exc:  # truncated files raise OSError, broken ones anything
+        raise ImageError(400, f"could not decode the {image.format} image: {exc}") from exc
+    return image
+
+
+def preprocess(data: bytes, *, max_bytes: int, max_pixels: int) -> np.ndarray:
+    """Image bytes -> float32 (28, 28) in [0, 1], white ink on black, MNIST-normalised."""
+    return to_mnist(decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels))
+
+
+def to_mnist(image: Image.Image) -> np.ndarray:
+    """A decoded image of any mode and size -> float32 (28, 28) in [0, 1], white ink on black.
+
+    A 28x28 image that already looks like MNIST (dark background, ink within a 20x20 box, centre of mass
+    at (14, 14)) is returned as its pixels / 255, bit for bit (inverted exactly if it is black on white).
+    Raises ImageError(400) when there is no ink.
+    """
+    image = _simple_mode(image)
+    if max(image.size) > WORK_SIDE:
+        scale = WORK_SIDE / max(image.size)
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        # BOX is area averaging: the right anti-aliasing for a shrink; LA/RGBA are premultiplied by Pillow.
+        image = image.resize(size, Image.Resampling.BOX)
+    gray8, gray, alpha = _planes(image)
+    if alpha is not None:
+        gray = _composite(gray, alpha)
+        gray8 = None
+    # Fast path for what MNIST clients send: 28x28, black border, clear ink. It gives the same answer as
+    # the general path below (background 0, no noise, no inversion) at half the cost.
+    if (
+        image.size == (MNIST_SIDE, MNIST_SIDE)
+        and gray8 is not None
+        and not _border(gray8).any()
+        and gray8.max() >= 255 * MIN_CONTRAST
+    ):
+        passed = _mnist_pass_through(gray8, gray)
+        if passed is not None:
+            return passed
+
+    smooth = _smooth3(gray)
+    border = _border(gray)
+    background = float(np.median(border))
+    # Noise of the smoothed image, from the median absolute deviation of the raw border (robust to ink
+    # that touches the border), divided by 3 for the 3x3 mean.
+    noise = 1.4826 * float(np.median(np.abs(border - background))) / 3.0
+    # Polarity: the ink is whichever side of the paper's level has the larger excursion. Dark ink on
+    # light paper gets inverted, so the ink is bright as in MNIST.
+    if background - float(smooth.min()) > float(smooth.max()) - background:
+        gray = 1.0 - gray
+        smooth = 1.0 - smooth
+        background = 1.0 - background
+        gray8 = None if gray8 is None else 255 - gray8
+
+    contrast = float(smooth.max()) - background
+    if contrast < MIN_CONTRAST or contrast < MIN_NOISE_SIGMAS * noise:
+        raise ImageError(400, "no digit found: the image is blank or has too little contrast")
+
+    if image.size == (MNIST_SIDE, MNIST_SIDE):
+        passed = _mnist_pass_through(gray8, gray)
+        if passed is not None:
+            return passed
+
+    rows, cols = _ink_box(smooth - background > MASK_LEVEL * contrast)
+    low, high = INK_LOW * contrast, INK_HIGH * contrast
+    ink = (gray[rows, cols] - (background + low)) * (1.0 / (high - low))
+    return _place(_thicken(np.clip(ink, 0.0, 1.0, out=ink)))
+
+
+def pixels_to_array(pixels: object) -> np.ndarray:
+    """A JSON 28x28 list of lists of numbers in [0, 1] -> float32 (28, 28); ImageError(422) otherwise."""
+    if not isinstance(pixels, list):
+        raise ImageError(422, f"pixels must be a list of 28 rows of 28 numbers, got {type(pixels).__name__}")
+    if len(pixels) == MNIST_SIDE * MNIST_SIDE and not any(isinstance(row, list) for row in pixels):
+        raise ImageError(422, "pixels must be 28 rows of 28 numbers, got a flat list of 784")
+    if len(pixels) != MNIST_SIDE:
+        raise ImageError(422, f"pixels must have 28 rows, got {len(pixels)}")
+    for i, row in enumerate(pixels):
+        if not isinstance(row, list):
+            raise ImageError(422, f"pixels[{i}] must be a list of 28 numbers, got {type(row).__name__}")
+        if len(row) != MNIST_SIDE:
+            raise ImageError(422, f"pixels[{i}] must have 28 numbers, got {len(row)}")
+        for j, value in enumerate(row):
+            # bool is an int in Python, but `true` is not a pixel value.
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                raise ImageError(422, f"pixels[{i}][{j}] is not a number: {value!r}")
+            if not math.isfinite(value):
+                raise ImageError(422, f"pixels[{i}][{j}] is {value}; pixel values must be finite")
+            if not 0.0 <= value <= 1.0:
+                raise ImageError(422, f"pixels[{i}][{j}] = {value} is outside [0, 1] (divide 0-255 values by 255)")
+    return np.array(pixels, dtype=np.float32)
+
+
+def to_png(array: np.ndarray) -> bytes:
+    """A (28, 28) array in [0, 1] -> 8-bit grayscale PNG bytes (round(value * 255))."""
+    if array.shape != (MNIST_SIDE, MNIST_SIDE):
+        raise ValueError(f"expected a (28, 28) array, got {array.shape}")
+    pixels = np.clip(np.rint(np.asarray(array, dtype=np.float64) * 255.0), 0, 255).astype(np.uint8)
+    out = io.BytesIO()
+    Image.fromarray(pixels, mode="L").save(out, format="PNG")
+    return out.getvalue()
+
+
+def _simple_mode(image: Image.Image) -> Image.Image:
+    """Reduce Pillow's many modes to L, LA, RGB, RGBA or F (float, scaled to [0, 1])."""
+    mode = image.mode
+    if mode in ("L", "LA", "RGB", "RGBA"):
+        if "transparency" in image.info and mode in ("L", "RGB"):
+            return image.convert(mode + "A")  # a tRNS colour key: that colour is transparent
+        return image
+    if mode == "1":
+        return image.convert("L")
+    if mode in ("P", "PA"):
+        has_alpha = mode == "PA" or "transparency" in image.info or image.palette.mode == "RGBA"
+        return image.convert("RGBA" if has_alpha else "RGB")
+    if mode in ("La", "RGBa"):
+        return image.convert(mode[:-1] + "A")
+    if mode.startswith("I") or mode == "F":
+        values = np.asarray(image, dtype=np.float32)
+        if mode.startswith("I;16"):
+            scale = 65535.0  # 16-bit: the full range, not clipped at 255
+        else:
+            # 32-bit int or float modes carry no declared range: take the smallest usual one that fits.
+            top = float(np.nanmax(values)) if values.size else 0.0
+            scale = next((s for s in (1.0, 255.0, 65535.0) if top <= s), top)
+        values = np.nan_to_num(values / np.float32(scale), nan=0.0, posinf=1.0, neginf=0.0)
+        return Image.fromarray(np.clip(values, 0.0, 1.0, out=values), mode="F")
+    try:
+        return image.convert("RGB")  # CMYK, YCbCr, LAB, HSV
+    except Exception as exc:
+        raise ImageError(400, f"unsupported image mode {mode}") from exc
+
+
+def _planes(image: Image.Image) -> tuple[np.ndarray | None, np.ndarray, np.ndarray | None]:
+    """(gray as uint8 or None for float images, gray float32 [0, 1], alpha float32 [0, 1] or None)."""
+    if image.mode == "F":
+        return None, np.asarray(image, dtype=np.float32), None
+    gray8 = np.asarray(image if image.mode == "L" else image.convert("L"))
+    alpha = None
+    if image.mode in ("LA", "RGBA"):
+        alpha8 = np.asarray(image.getchannel("A"))
+        if alpha8.min() < 255:
+            alpha = alpha8.astype(np.float32) / np.float32(255)
+    return gray8, gray8.astype(np.float32) / np.float32(255), alpha
+
+
+def _composite(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
+    """Flatten a transparent image onto the background that shows its ink.
+
+    White, as a browser shows it, so black or coloured ink on transparent pixels (a canvas export, often
+    with all-zero RGB: the ink is only in alpha) and photos with transparent padding come out right. The
+    exception is light ink of one colour (a dark-mode canvas): on white it would vanish, so it goes on black.
+    """
+    weight = float(alpha.sum())
+    ink = float((gray * alpha).sum()) / weight if weight else 0.0
+    opaque = gray[alpha >= 0.9]
+    uniform = opaque.size == 0 or float(opaque.max()) - float(opaque.min()) < 0.25
+    background = 0.0 if ink > 0.5 and uniform else 1.0
+    return gray * alpha + background * (1.0 - alpha)
+
+
+def _smooth3(gray: np.ndarray) -> np.ndarray:
+    """3x3 mean (edges replicated): single noisy pixels and JPEG ringing must not count as ink."""
+    padded = np.pad(gray, 1, mode="edge")
+    rows = padded[:-2] + padded[1:-1] + padded[2:]
+    return (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) * np.float32(1.0 / 9.0)
+
+
+def _border(gray: np.ndarray) -> np.ndarray:
+    """The outer ring (2% of the shorter side, at least 1 pixel): where the paper is."""
+    width = max(1, min(gray.shape) // 50)
+    return np.concatenate(
+        [
+            gray[:width].ravel(),
+            gray[-width:].ravel(),
+            gray[width:-width, :width].ravel(),
+            gray[width:-width, -width:].ravel(),
+        ]
+    )
+
+
+def _mnist_pass_through(gray8: np.ndarray | None, gray: np.ndarray) -> np.ndarray | None:
+    """A 28x28 image already normalised like MNIST, exactly as it is; None when it needs normalising."""
+    nonzero = gray8 > 0 if gray8 is not None else gray > 0.5 / 255
+    rows, cols = np.flatnonzero(nonzero.any(axis=1)), np.flatnonzero(nonzero.any(axis=0))
+    if rows[-1] - rows[0] >= DIGIT_BOX or cols[-1] - cols[0] >= DIGIT_BOX:
+        return None
+    cy, cx = _centre_of_mass(gray)
+    if abs(cy - TARGET_CENTRE) > 1.0 or abs(cx - TARGET_CENTRE) > 1.0:
+        return None
+    if gray8 is not None:
+        return gray8.astype(np.float32) / np.float32(255)  # bit-exact: what MNIST's own loaders give
+    return np.ascontiguousarray(gray, dtype=np.float32)
+
+
+def _ink_box(mask: np.ndarray) -> tuple[slice, slice]:
+    """Bounding box of the mask, ignoring small specks separated from the digit by empty lines."""
+    return _ink_span(mask.sum(axis=1)), _ink_span(mask.sum(axis=0))
+
+
+def _ink_span(profile: np.ndarray) -> slice:
+    inked = profile > 0
+    # Runs of consecutive inked lines: starts where ink begins, ends (exclusive) where it stops.
+    edges = np.flatnonzero(np.diff(np.concatenate(([0], inked.view(np.int8), [0]))))
+    starts, stops = edges[0::2], edges[1::2]
+    mass = np.array([profile[a:b].sum() for a, b in zip(starts, stops, strict=True)], dtype=np.float64)
+    keep = np.flatnonzero(mass >= SPECK_FRACTION * mass.sum())
+    if keep.size == 0:  # every run is tiny: keep them all
+        keep = np.arange(starts.size)
+    return slice(int(starts[keep[0]]), int(stops[keep[-1]]))
+
+
+def _centre_of_mass(values: np.ndarray) -> tuple[float, float]:
+    total = float(values.sum())
+    rows = float(values.sum(axis=1) @ np.arange(values.shape[0], dtype=np.float32)) / total
+    cols = float(values.sum(axis=0) @ np.arange(values.shape[1], dtype=np.float32)) / total
+    return rows, cols
+
+
+def _thicken(ink: np.ndarray) -> np.ndarray:
+    """Widen strokes much finer than MNIST's (see THIN_STROKE) by a grey-level dilation."""
+    mask = ink > 0.5
+    area = int(np.count_nonzero(mask))
+    perimeter = int(np.count_nonzero(np.diff(mask, axis=0))) + int(np.count_nonzero(np.diff(mask, axis=1)))
+    side = max(ink.shape)
+    if area == 0 or perimeter == 0 or 2 * area / perimeter >= THIN_STROKE * side:
+        return ink
+    width = 2 * area / perimeter
+    if side > 4 * DIGIT_BOX:
+        # Dilate at 4x the final size: a few shifts instead of dozens, and the shrink anti-aliases anyway.
+        scale = 4 * DIGIT_BOX / side
+        size = (max(1, round(ink.shape[1] * scale)), max(1, round(ink.shape[0] * scale)))
+        ink = np.asarray(Image.fromarray(ink, mode="F").resize(size, Image.Resampling.BOX))
+        side, width = max(ink.shape), width * scale
+    radius = round((TARGET_STROKE * side - width) / 2)
+    if radius < 1:
+        return ink
+    out = np.pad(ink, radius)
+    for axis in (0, 1):
+        grown = out.copy()
+        for shift in range(1, radius + 1):
+            np.maximum(grown, np.roll(out, shift, axis=axis), out=grown)
+            np.maximum(grown, np.roll(out, -shift, axis=axis), out=grown)
+        out = grown
+    return out
+
+
+def _place(ink: np.ndarray) -> np.ndarray:
+    """Scale the cropped ink to fit 20x20 (aspect kept, anti-aliased) and centre its mass in 28x28."""
+    height, width = ink.shape
+    scale = DIGIT_BOX / max(height, width)
+    size = (max(1, round(width * scale)), max(1, round(height * scale)))
+    # Lanczos on float pixels: anti-aliased when shrinking (its kernel widens with the factor), sharp when
+    # enlarging; the small over/undershoots it leaves are clipped.
+    small = np.asarray(Image.fromarray(ink, mode="F").resize(size, Image.Resampling.LANCZOS))
+    small = np.clip(small, 0.0, 1.0)
+    out = np.zeros((MNIST_SIDE, MNIST_SIDE), dtype=np.float32)
+    if float(small.sum()) == 0.0:
+        raise ImageError(400, "no digit found: the ink vanishes at 28x28")
+    cy, cx = _centre_of_mass(small)
+    # An integer shift, rounded half up, as MNIST's centres of mass show; kept inside the 28x28 field.
+    top = min(max(math.floor(TARGET_CENTRE - cy + 0.5), 0), MNIST_SIDE - small.shape[0])
+    left = min(max(math.floor(TARGET_CENTRE - cx + 0.5), 0), MNIST_SIDE - small.shape[1])
+    out[top : top + small.shape[0], left : left + small.shape[1]] = small
+    return out
