@@ -1,0 +1,70 @@
+"""The browser page for trying the model: a small Starlette app serving `service/static/`.
+
+`service/service.py` mounts it with `@bentoml.asgi_app(ui_app, path="/ui")`. The page talks to the API with
+relative URLs (`../predict`), so it keeps working behind a reverse proxy that adds a path prefix.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import FileResponse, Response
+from starlette.routing import Mount, Route
+from starlette.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+STATIC_DIR = Path(__file__).parent / "static"
+
+# The page loads nothing from other origins (no CDN, no fonts), so the policy can be strict: a stray external
+# asset or an injected inline script is blocked by the browser instead of silently working. `data:` images
+# are the 28x28 PNGs the API returns; `blob:` is the preview of a picked file.
+CONTENT_SECURITY_POLICY = (
+    "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
+    "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SECURITY_HEADERS = [
+    (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    # Revalidate every time (cheap: StaticFiles answers 304 on a matching ETag) so a redeploy is seen at once.
+    (b"cache-control", b"no-cache"),
+]
+
+
+class SecurityHeaders:
+    """Adds `SECURITY_HEADERS` to every HTTP response of the wrapped app."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                names = {name for name, _ in SECURITY_HEADERS}
+                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
+                message = {**message, "headers": kept + SECURITY_HEADERS}
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+async def index(request: Request) -> Response:
+    return FileResponse(STATIC_DIR / "index.html", media_type="text/html; charset=utf-8")
+
+
+# Explicit routes rather than one StaticFiles at "/": BentoML's PassiveMount only claims a request when one of
+# the mounted app's own routes matches, so "/ui/" and "/ui/static/..." must each be a route here.
+ui_app = Starlette(
+    routes=[
+        Route("/", index, methods=["GET", "HEAD"]),
+        Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
+    ],
+    middleware=[Middleware(SecurityHeaders)],
+)
