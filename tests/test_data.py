@@ -120,7 +120,5 @@ def test_validation_split_is_seeded_and_disjoint(mnist_dir: Path) -> None:
     assert not (a.val_images == c.val_images).all()
     # Together the two parts are exactly the 60,000 training images: no image is in both, none is lost.
     everything = load_arrays(mnist_dir)["train-images-idx3-ubyte"].reshape(60000, -1).astype(np.int64).sum(1)
-    parts = torch.cat(
-        [a.train_images.reshape(55000, -1).long().sum(1), a.val_images.reshape(5000, -1).long().sum(1)]
-    )
+    parts = torch.cat([a.train_images.reshape(55000, -1).long().sum(1), a.val_images.reshape(5000, -1).long().sum(1)])
     np.testing.assert_array_equal(np.sort(parts), np.sort(everything))

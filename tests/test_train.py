@@ -17,9 +17,7 @@ from training.train import default_recipe, normalise, pick_device, train
 def short_run(tmp_path_factory: pytest.TempPathFactory):
     recipe = default_recipe("cnn", epochs=1, train_subset=5000)
     data = load_mnist(val_size=recipe.val_size, seed=recipe.seed, train_subset=recipe.train_subset)
-    return train(
-        recipe, torch.device("cpu"), data, runs_dir=tmp_path_factory.mktemp("runs"), command="pytest"
-    )
+    return train(recipe, torch.device("cpu"), data, runs_dir=tmp_path_factory.mktemp("runs"), command="pytest")
 
 
 def test_one_epoch_on_5000_images_reaches_90_percent(short_run) -> None:

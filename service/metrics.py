@@ -1,0 +1,44 @@
+"""Prometheus metrics of the service, served by BentoML's /metrics next to its own request metrics.
+
+prometheus_client is imported on first use, never at module import: BentoML sets PROMETHEUS_MULTIPROC_DIR
+in each worker after importing the service module, and a client imported before that would count in
+single-process mode, invisible to /metrics.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+# Seconds. Preprocessing a small PNG takes ~0.1-1 ms, a 4 k photo ~100 ms; inference ~0.1 ms per image.
+PREPROCESS_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+INFERENCE_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
+
+
+@dataclass(frozen=True)
+class Metrics:
+    predictions: Any  # Counter: answers given, by model and predicted digit
+    preprocess_seconds: Any  # Histogram: one image, bytes -> 28x28
+    inference_seconds: Any  # Histogram: one ONNX Runtime call (a whole batch), by model
+
+
+@functools.cache
+def metrics() -> Metrics:
+    """The process's metric objects, created once (prometheus_client refuses duplicate names)."""
+    from prometheus_client import Counter, Histogram
+
+    return Metrics(
+        predictions=Counter("mnist_predictions", "Digits predicted, by model and digit", labelnames=("model", "digit")),
+        preprocess_seconds=Histogram(
+            "mnist_preprocess_seconds",
+            "Time to decode and normalise one uploaded image",
+            buckets=PREPROCESS_BUCKETS,
+        ),
+        inference_seconds=Histogram(
+            "mnist_inference_seconds",
+            "Time of one ONNX Runtime call (one or more images)",
+            labelnames=("model",),
+            buckets=INFERENCE_BUCKETS,
+        ),
+    )

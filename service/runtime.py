@@ -1,0 +1,227 @@
+"""ONNX Runtime sessions for the exported MNIST models, and the model cards read from their metadata.
+
+The ONNX file is the contract with training: it names its input, shape, pixel range, polarity and labels
+in `metadata_props`. A model whose metadata is missing or disagrees with what `service/preprocess.py`
+produces (28x28 pixels in [0, 1], white ink on black) is refused at start-up, never served wrongly.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from .settings import Settings
+
+log = logging.getLogger(__name__)
+
+REQUIRED_KEYS = (
+    "model_name",
+    "version",
+    "input_name",
+    "input_shape",
+    "input_range",
+    "input_polarity",
+    "output_name",
+    "labels",
+)
+# What preprocess.py hands over; the model must expect exactly this.
+EXPECTED_SHAPE = [-1, 1, 28, 28]
+EXPECTED_RANGE = [0.0, 1.0]
+EXPECTED_POLARITY = "white-on-black"
+
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+# ONNX Runtime's own log levels: 2 = warning (its default), 4 = fatal only.
+_ORT_WARNING, _ORT_FATAL = 2, 4
+
+
+class ModelError(RuntimeError):
+    """A model cannot be served (missing file, bad metadata, device unavailable); str(e) says what to do."""
+
+
+class UnknownModelError(KeyError):
+    """A request named a model that is not loaded (the client's mistake: answered with 404)."""
+
+    status = 404
+
+    def __init__(self, name: str, loaded: list[str]) -> None:
+        super().__init__(name)
+        self.message = f"unknown model {name!r}; loaded models: {', '.join(loaded)}"
+
+    def __str__(self) -> str:
+        return self.message
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a client may know about a model: its identity, its contract and its measured accuracy."""
+
+    name: str
+    version: str
+    architecture: str | None
+    parameters: int | None
+    test_accuracy: float | None
+    input_name: str
+    output_name: str
+    labels: tuple[str, ...]
+    provider: str  # the execution provider really in use, not the one asked for
+    metadata: dict[str, Any] = field(default_factory=dict)  # every metadata key, JSON values decoded
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "architecture": self.architecture,
+            "parameters": self.parameters,
+            "test_accuracy": self.test_accuracy,
+            "input_name": self.input_name,
+            "output_name": self.output_name,
+            "labels": list(self.labels),
+            "provider": self.provider,
+            "metadata": self.metadata,
+        }
+
+
+class Model:
+    """One loaded ONNX model: `predict` maps pixels (N, 28, 28) float32 to probabilities (N, 10)."""
+
+    def __init__(self, session: ort.InferenceSession, card: ModelCard) -> None:
+        self.session = session
+        self.card = card
+
+    def predict(self, pixels: np.ndarray) -> np.ndarray:
+        """pixels: float32 (N, 28, 28) in [0, 1], white on black -> float32 (N, len(labels)), rows sum to 1."""
+        batch = np.ascontiguousarray(pixels, dtype=np.float32).reshape(-1, 1, 28, 28)  # a view, no copy
+        (probabilities,) = self.session.run([self.card.output_name], {self.card.input_name: batch})
+        return probabilities
+
+
+def create_session(path: Path, device: str, intra_op_threads: int) -> ort.InferenceSession:
+    """An InferenceSession on `device` (auto | cuda | cpu).
+
+    `get_available_providers()` lists CUDA whenever onnxruntime-gpu is installed, even on machines with no
+    GPU or no CUDA libraries, so the only reliable test is to create the session and look at the providers
+    it really got: auto falls back to CPU with one warning, cuda raises.
+    """
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    options.inter_op_num_threads = 1  # MNIST graphs are a chain: nothing to run in parallel between ops
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if device == "cpu":
+        return ort.InferenceSession(str(path), options, providers=[CPU])
+    if device == "auto":
+        # ONNX Runtime prints its CUDA loading failure as an error; on a GPU-less machine that is the
+        # expected path, so silence it here and log one warning of our own below.
+        ort.set_default_logger_severity(_ORT_FATAL)
+    try:
+        session = ort.InferenceSession(str(path), options, providers=[CUDA, CPU])
+    finally:
+        ort.set_default_logger_severity(_ORT_WARNING)
+    if session.get_providers()[0] == CUDA:
+        return session
+    if device == "cuda":
+        raise ModelError(
+            f"MNIST_DEVICE=cuda, but ONNX Runtime could not start {CUDA} for {path.name} (no GPU, or the "
+            "CUDA/cuDNN libraries onnxruntime-gpu needs are missing; see the log above). "
+            "Use MNIST_DEVICE=auto to fall back to the CPU, or MNIST_DEVICE=cpu."
+        )
+    log.warning("CUDA is not usable on this machine; %s runs on the CPU (MNIST_DEVICE=auto)", path.name)
+    return session
+
+
+def read_card(session: ort.InferenceSession, path: Path) -> ModelCard:
+    """The model card from the session's metadata; ModelError naming every missing or wrong key."""
+    raw = dict(session.get_modelmeta().custom_metadata_map)
+    missing = [key for key in REQUIRED_KEYS if key not in raw]
+    if missing:
+        raise ModelError(
+            f"{path} lacks required metadata: {', '.join(missing)}. Re-export it with "
+            "`python -m training export`, which writes them."
+        )
+    meta = {key: _decode(value) for key, value in raw.items()}
+    problems = []
+    if meta["input_shape"] != EXPECTED_SHAPE:
+        problems.append(f"input_shape is {meta['input_shape']}, expected {EXPECTED_SHAPE}")
+    if [float(v) for v in meta["input_range"]] != EXPECTED_RANGE:
+        problems.append(f"input_range is {meta['input_range']}, expected {EXPECTED_RANGE}")
+    if meta["input_polarity"] != EXPECTED_POLARITY:
+        problems.append(f"input_polarity is {meta['input_polarity']!r}, expected {EXPECTED_POLARITY!r}")
+    inputs = [i.name for i in session.get_inputs()]
+    outputs = [o.name for o in session.get_outputs()]
+    if meta["input_name"] not in inputs:
+        problems.append(f"input_name {meta['input_name']!r} is not a graph input ({inputs})")
+    if meta["output_name"] not in outputs:
+        problems.append(f"output_name {meta['output_name']!r} is not a graph output ({outputs})")
+    if not isinstance(meta["labels"], list) or len(meta["labels"]) != 10:
+        problems.append(f"labels must be a JSON list of 10 names, got {raw['labels']!r}")
+    if problems:
+        raise ModelError(f"{path} cannot be served: {'; '.join(problems)}")
+    return ModelCard(
+        name=str(meta["model_name"]),
+        version=str(meta["version"]),
+        architecture=meta.get("architecture"),
+        parameters=_maybe(int, meta.get("parameters")),
+        test_accuracy=_maybe(float, meta.get("test_accuracy")),
+        input_name=meta["input_name"],
+        output_name=meta["output_name"],
+        labels=tuple(str(label) for label in meta["labels"]),
+        provider=session.get_providers()[0],
+        metadata=meta,
+    )
+
+
+def load_model(path: Path, device: str = "auto", intra_op_threads: int = 1) -> Model:
+    if not path.is_file():
+        raise ModelError(f"no model file at {path}; train and export it first (`make train export`)")
+    session = create_session(path, device, intra_op_threads)
+    card = read_card(session, path)
+    log.info("loaded %s %s from %s on %s", card.name, card.version, path, card.provider)
+    return Model(session, card)
+
+
+class Registry:
+    """The models one worker serves, by name; the first one answers requests that name none."""
+
+    def __init__(self, models: dict[str, Model], default: str) -> None:
+        self.models = models
+        self.default = default
+
+    @classmethod
+    def load(cls, settings: Settings) -> Registry:
+        models = {}
+        for name in settings.models:
+            model = load_model(settings.model_path(name), settings.device, settings.intra_op_threads)
+            models[name] = model
+        return cls(models, settings.default_model)
+
+    def get(self, name: str | None) -> Model:
+        """The model called `name` (the default for None or ""); UnknownModelError otherwise."""
+        model = self.models.get(name or self.default) if isinstance(name, str | None) else None
+        if model is None:
+            raise UnknownModelError(str(name), list(self.models))
+        return model
+
+    def cards(self) -> list[dict[str, Any]]:
+        return [model.card.as_dict() for model in self.models.values()]
+
+
+def _decode(value: str) -> Any:
+    """Metadata values are strings; structured ones are JSON. Plain strings stay strings."""
+    try:
+        return json.loads(value)
+    except ValueError:
+        return value
+
+
+def _maybe(kind: type, value: Any) -> Any:
+    try:
+        return None if value is None else kind(value)
+    except (TypeError, ValueError):
+        return None

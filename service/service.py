@@ -1,0 +1,102 @@
+"""The BentoML service: uploaded digits in, probabilities out (API described in README.md, "HTTP API").
+
+Thin on purpose: preprocess.py turns bytes into pixels, runtime.py owns ONNX Runtime and the model cards,
+uploads.py reads bodies within limits, answers.py runs a request's images through a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+import bentoml
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
+
+from .answers import CLIENT_ERRORS, classify, classify_pixels, is_small
+from .runtime import Registry
+from .settings import Settings
+from .ui import ui_app
+from .uploads import JSONAnswer, MultipartRequest, RawRequest, read_images, read_json
+
+SETTINGS = Settings.from_env()
+
+
+async def model_cards(_: Request) -> JSONResponse:
+    registry: Registry = bentoml.get_current_service().registry
+    return JSONResponse({"default": registry.default, "models": registry.cards()})
+
+
+# BentoML APIs answer POST only; GET /model is a one-route app, matched only for that path.
+model_app = Starlette(routes=[Route("/model", model_cards, methods=["GET"])])
+
+
+@bentoml.asgi_app(ui_app, path="/ui")
+@bentoml.asgi_app(model_app, path="/")
+@bentoml.service(name="mnist", workers=SETTINGS.workers, threads=SETTINGS.threads, traffic={"timeout": 30})
+class MNIST:
+    def __init__(self) -> None:
+        self.registry = Registry.load(SETTINGS)
+        self.limiter: anyio.CapacityLimiter | None = None
+
+    @bentoml.api(route="/predict", input_spec=MultipartRequest, output_spec=JSONAnswer)
+    async def predict(self, ctx: bentoml.Context) -> JSONResponse:
+        """One image: multipart file field `image` (fields `model`, `return_image`), or a raw image/* body."""
+        try:
+            upload = await read_images(
+                ctx.request, field="image", max_files=1, max_bytes=SETTINGS.max_bytes,
+                too_many="send one image per request to /predict, or several to /predict_batch",
+            )  # fmt: skip
+            model = self.registry.get(upload.fields.get("model"))
+            args = (model, upload.files, upload.flag("return_image"), SETTINGS)
+            # A digit-sized image (the usual upload) costs ~0.2 ms: less than handing it to a thread.
+            small = is_small(upload.files[0][1])
+            answers = classify(*args) if small else await self._offload(classify, *args)
+            return JSONResponse(answers[0])
+        except CLIENT_ERRORS as exc:
+            return reject(ctx, exc)
+
+    @bentoml.api(route="/predict_batch", input_spec=MultipartRequest, output_spec=JSONAnswer)
+    async def predict_batch(self, ctx: bentoml.Context) -> JSONResponse:
+        """Up to MNIST_MAX_BATCH images in repeated file field `images`; answers in request order."""
+        try:
+            upload = await read_images(
+                ctx.request, field="images", max_files=SETTINGS.max_batch, max_bytes=SETTINGS.max_bytes,
+                too_many=f"too many images: the limit is {SETTINGS.max_batch} per request (MNIST_MAX_BATCH)",
+                allow_raw=False,
+            )  # fmt: skip
+            model = self.registry.get(upload.fields.get("model"))
+            answers = await self._offload(classify, model, upload.files, upload.flag("return_image"), SETTINGS)
+            return JSONResponse({"predictions": answers, "model": model.card.name, "version": model.card.version})
+        except CLIENT_ERRORS as exc:
+            return reject(ctx, exc)
+
+    @bentoml.api(route="/predict_pixels", input_spec=RawRequest, output_spec=JSONAnswer)
+    async def predict_pixels(self, ctx: bentoml.Context) -> JSONResponse:
+        """JSON `{"pixels": 28 rows of 28 numbers in [0, 1], white on black, "model": optional}`."""
+        try:
+            body = await read_json(ctx.request, max_bytes=SETTINGS.max_bytes)
+            model = self.registry.get(body.get("model"))
+            return JSONResponse(await self._offload(classify_pixels, model, body))
+        except CLIENT_ERRORS as exc:
+            return reject(ctx, exc)
+
+    @bentoml.api(route="/ping", input_spec=RawRequest, output_spec=JSONAnswer)
+    async def ping(self) -> JSONResponse:
+        """Does nothing: the cost of the HTTP stack alone, the floor for benchmarks."""
+        return JSONResponse({"ok": True})
+
+    async def _offload(self, func: Any, *args: Any) -> Any:
+        # Decoding and inference block: run them in threads, at most MNIST_THREADS at a time per worker,
+        # so the event loop keeps accepting requests. The limiter must be created inside the loop.
+        if self.limiter is None:
+            self.limiter = anyio.CapacityLimiter(SETTINGS.threads)
+        return await anyio.to_thread.run_sync(func, *args, limiter=self.limiter)
+
+
+def reject(ctx: bentoml.Context, exc: Exception) -> JSONResponse:
+    """A client mistake as `{"error": ...}` with its 4xx status (BentoML takes the status from ctx)."""
+    ctx.response.status_code = getattr(exc, "status", 400)
+    return JSONResponse({"error": str(exc)})

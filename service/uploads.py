@@ -1,0 +1,167 @@
+"""Reading request bodies with limits: uploaded images (multipart or raw) and JSON.
+
+BentoML's own request parsing is bypassed for our endpoints (see `RawRequest`) because, in BentoML 1.4,
+it answers some client mistakes with 500 (a malformed multipart body, a text field where a file is
+expected, which it even tries to download as a URL) and wraps 4xx messages in a list. Reading the body
+here keeps every client mistake a 4xx `{"error": ...}` and lets the byte limit act before the body is read.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from bentoml import IODescriptor
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import Request
+
+# Text fields are model names and flags: anything longer is a mistake, not a reason to buffer megabytes.
+MAX_FIELD_BYTES = 1024
+MAX_FIELDS = 16
+IMAGE_TYPES = ("image/", "application/octet-stream")
+
+
+class RequestError(ValueError):
+    """The request itself is wrong (size, encoding, fields); str(e) names the problem."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class RawRequest(IODescriptor):
+    """An input spec that tells BentoML to leave the body alone: the endpoint reads `ctx.request`."""
+
+    @classmethod
+    async def from_http_request(cls, request: Request, serde: object) -> RawRequest:  # type: ignore[override]
+        return cls()
+
+
+class MultipartRequest(RawRequest):
+    media_type: ClassVar[str | None] = "multipart/form-data"
+
+
+class JSONAnswer(IODescriptor):
+    """An output spec for endpoints that return a ready JSONResponse: BentoML sends it as it is, and
+    skips the per-response JSON-schema work it does for a `dict` return type."""
+
+    media_type: ClassVar[str | None] = "application/json"
+
+
+@dataclass
+class Upload:
+    """Image files in request order plus the text fields (or query parameters) that came with them."""
+
+    files: list[tuple[str, bytes]] = field(default_factory=list)  # (field/file name, bytes)
+    fields: dict[str, str] = field(default_factory=dict)
+
+    def flag(self, name: str) -> bool:
+        value = self.fields.get(name, "false").strip().lower()
+        if value in ("1", "true", "yes", "on"):
+            return True
+        if value in ("0", "false", "no", "off", ""):
+            return False
+        raise RequestError(400, f"field {name!r} must be true or false, got {value!r}")
+
+
+async def read_images(
+    request: Request, *, field: str, max_files: int, max_bytes: int, too_many: str, allow_raw: bool = True
+) -> Upload:
+    """The images sent in file field `field` (multipart), or the raw body sent as Content-Type image/*.
+
+    `too_many` is the message for more than `max_files` files.
+
+    Raises RequestError: 413 for more than `max_bytes` or `max_files`, 415 for other content types,
+    400 for a malformed body, a missing field or a text field in place of a file.
+    """
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if allow_raw and content_type.startswith(IMAGE_TYPES):
+        body = await read_body(request, max_bytes)
+        return Upload(files=[("body", body)], fields=dict(request.query_params))
+    if content_type != "multipart/form-data":
+        raw = ", or the image itself with Content-Type image/png (or another image/*)" if allow_raw else ""
+        raise RequestError(
+            415,
+            f"unsupported Content-Type {content_type or '(none)'!r}: send multipart/form-data with a file "
+            f"field {field!r}{raw}",
+        )
+    _check_length(request, max_bytes)
+    parser = MultiPartParser(
+        request.headers,
+        _limited(request.stream(), max_bytes),
+        max_files=max_files + 1,  # one more, so that we, not the parser, report the limit
+        max_fields=MAX_FIELDS,
+        max_part_size=MAX_FIELD_BYTES,
+    )
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        if exc.message.startswith("Too many files"):
+            raise RequestError(413, too_many) from exc
+        raise RequestError(400, f"malformed multipart body: {exc.message}") from exc
+    try:
+        upload = Upload(fields=dict(request.query_params))
+        for name, value in form.multi_items():
+            if not isinstance(value, UploadFile):
+                upload.fields[name] = value
+            elif name == field:
+                upload.files.append((value.filename or name, await value.read()))
+        if field in upload.fields:
+            raise RequestError(400, f"field {field!r} must be a file upload, got a text value")
+        if not upload.files:
+            got = ", ".join(sorted({name for name, _ in form.multi_items()})) or "none"
+            raise RequestError(400, f"missing file field {field!r} (fields received: {got})")
+        if len(upload.files) > max_files:
+            raise RequestError(413, too_many)
+        return upload
+    finally:
+        await form.close()
+
+
+async def read_json(request: Request, *, max_bytes: int) -> dict[str, Any]:
+    """The body as a JSON object; RequestError 400 for anything else."""
+    body = await read_body(request, max_bytes)
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"invalid JSON body: {exc}") from exc
+    if not isinstance(data, dict):
+        raise RequestError(400, f"the JSON body must be an object, got {type(data).__name__}")
+    return data
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole body, at most `max_bytes`; RequestError 413 as soon as it is known to be longer."""
+    _check_length(request, max_bytes)
+    chunks = [chunk async for chunk in _limited(request.stream(), max_bytes)]
+    body = b"".join(chunks)
+    if not body:
+        raise RequestError(400, "empty request body")
+    return body
+
+
+def _check_length(request: Request, max_bytes: int) -> None:
+    """Reject by the Content-Length header, before a byte of the body is read."""
+    length = request.headers.get("content-length")
+    if length is None:
+        return  # chunked: _limited counts while reading
+    if not length.isdigit():
+        raise RequestError(400, f"invalid Content-Length header {length!r}")
+    if int(length) > max_bytes:
+        raise RequestError(413, _too_large(f"{length} bytes", max_bytes))
+
+
+async def _limited(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
+    size = 0
+    async for chunk in stream:
+        size += len(chunk)
+        if size > max_bytes:
+            raise RequestError(413, _too_large(f"more than {max_bytes} bytes", max_bytes))
+        yield chunk
+
+
+def _too_large(size: str, limit: int) -> str:
+    return f"request body too large: {size}; the limit is {limit} bytes (MNIST_MAX_BYTES)"

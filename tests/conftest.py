@@ -1,0 +1,122 @@
+"""Shared fixtures: the real exported models, real MNIST test digits, and a real `bentoml serve`."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from PIL import Image
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = Path(__file__).resolve().parent / "fixtures"
+# The models the service ships; MNIST_EXPORTED_DIR points elsewhere (as it does for the service).
+EXPORTED = Path(os.environ.get("MNIST_EXPORTED_DIR", REPO_ROOT / "exported"))
+BENTOML = Path(sys.executable).with_name("bentoml")
+START_TIMEOUT_S = 60
+# Small enough that the over-limit tests upload little, large enough for every legitimate test upload.
+TEST_MAX_BYTES = 2_000_000
+
+
+@dataclass(frozen=True)
+class Digit:
+    name: str
+    png: bytes
+    label: int
+    pixels: np.ndarray  # float32 (28, 28) in [0, 1]: the PNG's pixels / 255
+
+
+def model_file(name: str) -> Path:
+    path = EXPORTED / f"{name}.onnx"
+    if not path.is_file():
+        pytest.fail(f"{path} is missing: train and export the models first (`make train export`)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def cnn_path() -> Path:
+    return model_file("mnist-cnn")
+
+
+@pytest.fixture(scope="session")
+def mnist_digits() -> list[Digit]:
+    """The 100 MNIST test digits in tests/fixtures/mnist_digits (see the README there)."""
+    folder = FIXTURES / "mnist_digits"
+    digits = []
+    for row in json.loads((folder / "labels.json").read_text()):
+        png = (folder / row["file"]).read_bytes()
+        pixels = np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32) / np.float32(255)
+        digits.append(Digit(row["file"], png, int(row["label"]), pixels))
+    return digits
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass(frozen=True)
+class Server:
+    url: str
+    models: tuple[str, ...]
+    startup_s: float
+    log: Path
+
+
+@pytest.fixture(scope="session")
+def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """`bentoml serve` from the repository root on a free port, with every shipped model loaded."""
+    models = tuple(name for name in ("mnist-cnn", "mnist-mlp") if (EXPORTED / f"{name}.onnx").is_file())
+    model_file("mnist-cnn")
+    port = free_port()
+    log = tmp_path_factory.mktemp("server") / "bentoml.log"
+    env = dict(
+        os.environ,
+        MNIST_EXPORTED_DIR=str(EXPORTED),
+        MNIST_MODELS=",".join(models),
+        MNIST_WORKERS="2",
+        MNIST_MAX_BYTES=str(TEST_MAX_BYTES),
+    )
+    start = time.monotonic()
+    with log.open("wb") as out:
+        process = subprocess.Popen(
+            [str(BENTOML), "serve", "--host", "127.0.0.1", "--port", str(port)],
+            cwd=REPO_ROOT,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # its own process group: stopping it stops its workers too
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"bentoml serve exited with {process.returncode}:\n{log.read_text()[-4000:]}")
+            if time.monotonic() - start > START_TIMEOUT_S:
+                pytest.fail(f"bentoml serve not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
+            try:
+                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                    break
+            except requests.RequestException:  # not listening yet, or too busy starting to answer
+                pass
+            time.sleep(0.1)
+        yield Server(url, models, time.monotonic() - start, log)
+    finally:
+        os.killpg(process.pid, signal.SIGTERM)
+        try:
+            process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()

@@ -1,0 +1,258 @@
+"""The service over real HTTP: a real `bentoml serve` (conftest.server) answering real MNIST digits."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import requests
+from conftest import TEST_MAX_BYTES, Digit, Server
+from PIL import Image
+
+TIMEOUT = 30
+
+
+@pytest.fixture(scope="module")
+def offline(cnn_path: Path, mnist_digits: list[Digit]) -> np.ndarray:
+    """Probabilities (100, 10) from ONNX Runtime run directly on the PNGs' pixels: the reference."""
+    session = ort.InferenceSession(str(cnn_path), providers=["CPUExecutionProvider"])
+    pixels = np.stack([d.pixels for d in mnist_digits])[:, np.newaxis]
+    (probabilities,) = session.run(["probabilities"], {"image": pixels})
+    return probabilities
+
+
+def post(server: Server, path: str, **kwargs: object) -> requests.Response:
+    return requests.post(f"{server.url}{path}", timeout=TIMEOUT, **kwargs)
+
+
+def predict(server: Server, digit: Digit, **fields: str) -> requests.Response:
+    return post(server, "/predict", files={"image": (digit.name, digit.png, "image/png")}, data=fields)
+
+
+def png(array: np.ndarray) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(array).save(out, format="PNG")
+    return out.getvalue()
+
+
+def assert_same_answer(answer: dict, reference: np.ndarray) -> None:
+    assert answer["digit"] == int(reference.argmax())
+    np.testing.assert_allclose(answer["probabilities"], reference, rtol=0, atol=1e-5)
+    assert answer["confidence"] == pytest.approx(float(reference.max()), abs=1e-5)
+
+
+def test_predict_matches_offline_onnx_runtime(server: Server, mnist_digits: list[Digit], offline) -> None:
+    for digit, reference in zip(mnist_digits, offline, strict=True):
+        response = predict(server, digit)
+        assert response.status_code == 200, response.text
+        answer = response.json()
+        assert_same_answer(answer, reference)
+        assert answer["model"] == "mnist-cnn" and answer["version"]
+        assert "image" not in answer
+    correct = sum(int(r.argmax()) == d.label for d, r in zip(mnist_digits, offline, strict=True))
+    assert correct >= 97  # the shipped CNN reads these real test digits
+
+
+def test_predict_batch_answers_in_request_order(server: Server, mnist_digits: list[Digit], offline) -> None:
+    # Reversed, so that an answer in any order but the request's would not match.
+    order = list(reversed(range(len(mnist_digits))))
+    files = [("images", (mnist_digits[i].name, mnist_digits[i].png, "image/png")) for i in order]
+    response = post(server, "/predict_batch", files=files)
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["model"] == "mnist-cnn" and len(body["predictions"]) == len(order)
+    for answer, i in zip(body["predictions"], order, strict=True):
+        assert_same_answer(answer, offline[i])
+
+
+def test_raw_image_body_with_query_parameters(server: Server, mnist_digits: list[Digit], offline) -> None:
+    digit = mnist_digits[0]
+    response = post(server, "/predict?return_image=true", data=digit.png, headers={"Content-Type": "image/png"})
+    assert response.status_code == 200, response.text
+    assert_same_answer(response.json(), offline[0])
+    assert "image" in response.json()
+
+
+def test_return_image_is_the_28x28_the_model_saw(server: Server, mnist_digits: list[Digit]) -> None:
+    digit = mnist_digits[3]
+    answer = predict(server, digit, return_image="true").json()
+    seen = np.asarray(Image.open(io.BytesIO(base64.b64decode(answer["image"]))))
+    # An MNIST digit is already normalised: it passes through preprocessing unchanged.
+    np.testing.assert_array_equal(seen, np.rint(digit.pixels * 255).astype(np.uint8))
+
+
+def test_predict_pixels_matches_offline(server: Server, mnist_digits: list[Digit], offline) -> None:
+    response = post(server, "/predict_pixels", json={"pixels": mnist_digits[5].pixels.tolist()})
+    assert response.status_code == 200, response.text
+    assert_same_answer(response.json(), offline[5])
+
+
+def test_a_request_picks_the_model_by_name(server: Server, mnist_digits: list[Digit]) -> None:
+    if "mnist-mlp" not in server.models:
+        pytest.fail("exported/mnist-mlp.onnx is missing")
+    answer = predict(server, mnist_digits[0], model="mnist-mlp").json()
+    assert answer["model"] == "mnist-mlp"
+    assert answer["digit"] == mnist_digits[0].label
+    pixels = {"pixels": mnist_digits[0].pixels.tolist(), "model": "mnist-mlp"}
+    assert post(server, "/predict_pixels", json=pixels).json()["model"] == "mnist-mlp"
+
+
+def test_model_card(server: Server, cnn_path: Path) -> None:
+    response = requests.get(f"{server.url}/model", timeout=TIMEOUT)
+    assert response.status_code == 200
+    body = response.json()
+    assert body["default"] == "mnist-cnn"
+    cards = {card["name"]: card for card in body["models"]}
+    assert set(cards) == set(server.models)
+    meta = dict(ort.InferenceSession(str(cnn_path)).get_modelmeta().custom_metadata_map)
+    cnn = cards["mnist-cnn"]
+    assert cnn["version"] == meta["version"]
+    assert cnn["test_accuracy"] == pytest.approx(float(meta["test_accuracy"]))
+    assert cnn["labels"] == [str(d) for d in range(10)]
+    assert cnn["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
+    assert cnn["metadata"]["input_polarity"] == "white-on-black"
+
+
+def test_ping_health_and_ui(server: Server) -> None:
+    assert post(server, "/ping").json() == {"ok": True}
+    for path in ("/livez", "/readyz"):
+        assert requests.get(f"{server.url}{path}", timeout=TIMEOUT).status_code == 200
+    ui = requests.get(f"{server.url}/ui/", timeout=TIMEOUT)
+    assert ui.status_code == 200 and ui.headers["content-type"].startswith("text/html")
+
+
+def test_32_concurrent_clients_all_get_correct_answers(server: Server, mnist_digits: list[Digit], offline) -> None:
+    def client(k: int) -> list[tuple[int, dict]]:
+        with requests.Session() as session:
+            out = []
+            for i in range(k, k + 10):
+                digit = mnist_digits[i % len(mnist_digits)]
+                files = {"image": (digit.name, digit.png, "image/png")}
+                response = session.post(f"{server.url}/predict", files=files, timeout=TIMEOUT)
+                assert response.status_code == 200, response.text
+                out.append((i % len(mnist_digits), response.json()))
+            return out
+
+    with ThreadPoolExecutor(32) as pool:
+        results = [r for batch in pool.map(client, range(0, 320, 10)) for r in batch]
+    assert len(results) == 320
+    for i, answer in results:
+        assert_same_answer(answer, offline[i])
+
+
+def test_metrics_count_predictions_and_time_both_stages(server: Server, mnist_digits: list[Digit]) -> None:
+    seven = next(d for d in mnist_digits if d.label == 7)
+    for _ in range(3):
+        assert predict(server, seven).status_code == 200
+    text = requests.get(f"{server.url}/metrics", timeout=TIMEOUT).text
+    counted = [line for line in text.splitlines() if line.startswith("mnist_predictions_total{")]
+    sevens = [line for line in counted if 'digit="7"' in line and 'model="mnist-cnn"' in line]
+    assert sevens and float(sevens[0].rsplit(" ", 1)[1]) >= 3
+    assert "mnist_preprocess_seconds_bucket" in text
+    assert 'mnist_inference_seconds_count{model="mnist-cnn"}' in text
+
+
+# -- client mistakes: each gets its 4xx and a message naming it, and the server keeps serving ------------
+
+BLANK = np.zeros((28, 28), dtype=np.uint8)
+BOMB = png(np.zeros((5000, 5000), dtype=np.uint8))  # 25 M pixels in a few kB
+
+
+def too_big_chunks() -> Iterator[bytes]:
+    """A body with no Content-Length (chunked), larger than the limit."""
+    for _ in range(TEST_MAX_BYTES // 65536 + 2):
+        yield b"\0" * 65536
+
+
+def digit_file(name: str = "image") -> dict:
+    return {name: ("d.png", _first_digit_png(), "image/png")}
+
+
+def _first_digit_png() -> bytes:
+    return (Path(__file__).parent / "fixtures" / "mnist_digits" / "t10k-0000.png").read_bytes()
+
+
+MP = "multipart/form-data"
+CASES = {
+    "not an image": ("/predict", {"files": {"image": ("a.txt", b"hello, world", "text/plain")}}, 400,
+                     "not an image"),
+    "truncated png": ("/predict", {"files": {"image": ("t.png", _first_digit_png()[:60], "image/png")}}, 400,
+                      "PNG"),
+    "empty file": ("/predict", {"files": {"image": ("e.png", b"", "image/png")}}, 400, "empty image"),
+    "empty raw body": ("/predict", {"data": b"", "headers": {"Content-Type": "image/png"}}, 400,
+                       "empty request body"),
+    "no body at all": ("/predict", {}, 415, "unsupported Content-Type '(none)'"),
+    "json to /predict": ("/predict", {"json": {"image": "x"}}, 415, "send multipart/form-data"),
+    "missing field": ("/predict", {"files": {"model": (None, "mnist-cnn")}}, 400,
+                      "missing file field 'image' (fields received: model)"),
+    "misnamed field": ("/predict", {"files": digit_file("file")}, 400,
+                       "missing file field 'image' (fields received: file)"),
+    "text instead of file": ("/predict", {"files": {"image": (None, "http://example.com/7.png")}}, 400,
+                             "field 'image' must be a file upload"),
+    "malformed multipart": ("/predict", {"data": b"--x\r\nnonsense", "headers": {"Content-Type": MP}}, 400,
+                            "malformed multipart body"),
+    "too many bytes": ("/predict", {"files": {"image": ("big.png", b"\0" * (TEST_MAX_BYTES + 1))}}, 413,
+                       f"the limit is {TEST_MAX_BYTES} bytes"),
+    "too many bytes, chunked": ("/predict", {"data": too_big_chunks, "headers": {"Content-Type": "image/png"}},
+                                413, f"more than {TEST_MAX_BYTES} bytes"),
+    "too many pixels": ("/predict", {"files": {"image": ("bomb.png", BOMB, "image/png")}}, 413,
+                        "too many pixels"),
+    "blank image": ("/predict", {"files": {"image": ("b.png", png(BLANK), "image/png")}}, 400,
+                    "no digit found"),
+    "two images to /predict": ("/predict", {"files": [("image", ("a.png", _first_digit_png())),
+                                                      ("image", ("b.png", _first_digit_png()))]}, 413,
+                               "send one image per request"),
+    "unknown model": ("/predict", {"files": digit_file(), "data": {"model": "mnist-xl"}}, 404,
+                      "unknown model 'mnist-xl'; loaded models: mnist-cnn"),
+    "bad return_image": ("/predict", {"files": digit_file(), "data": {"return_image": "maybe"}}, 400,
+                         "'return_image' must be true or false"),
+    "too many images": ("/predict_batch", {"files": [("images", ("d.png", _first_digit_png()))] * 257}, 413,
+                        "too many images: the limit is 256"),
+    "bad image in batch": ("/predict_batch", {"files": [("images", ("ok.png", _first_digit_png())),
+                                                        ("images", ("bad.png", b"GIF89a broken"))]}, 400,
+                           "images[1] (bad.png): "),
+    "raw body to batch": ("/predict_batch", {"data": b"x", "headers": {"Content-Type": "image/png"}}, 415,
+                          "file field 'images'"),
+    "unknown model, batch": ("/predict_batch", {"files": digit_file("images"), "data": {"model": "x"}}, 404,
+                             "unknown model 'x'"),
+    "pixels wrong shape": ("/predict_pixels", {"json": {"pixels": [[0.0] * 28] * 27}}, 422,
+                           "pixels must have 28 rows, got 27"),
+    "pixels flat": ("/predict_pixels", {"json": {"pixels": [0.0] * 784}}, 422, "flat list of 784"),
+    "pixels NaN": ("/predict_pixels", {"data": json.dumps({"pixels": [[math.nan] * 28] * 28}),
+                                       "headers": {"Content-Type": "application/json"}}, 422,
+                   "pixel values must be finite"),
+    "pixels out of range": ("/predict_pixels", {"json": {"pixels": [[255] * 28] * 28}}, 422,
+                            "outside [0, 1]"),
+    "pixels not numbers": ("/predict_pixels", {"json": {"pixels": [["a"] * 28] * 28}}, 422,
+                           "is not a number"),
+    "pixels missing": ("/predict_pixels", {"json": {"pixel": []}}, 400,
+                       "missing field 'pixels' (fields received: pixel)"),
+    "invalid json": ("/predict_pixels", {"data": b'{"pixels": [', "headers": {"Content-Type": MP}}, 400,
+                     "invalid JSON body"),
+    "json not an object": ("/predict_pixels", {"json": [1, 2]}, 400, "must be an object, got list"),
+    "unknown model, pixels": ("/predict_pixels", {"json": {"pixels": [[0.0] * 28] * 28, "model": [1]}}, 404,
+                              "unknown model '[1]'"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_client_mistakes_get_a_4xx_naming_them(server: Server, mnist_digits: list[Digit], case: str) -> None:
+    path, kwargs, status, message = CASES[case]
+    kwargs = {k: (v() if callable(v) else v) for k, v in kwargs.items()}
+    response = post(server, path, **kwargs)
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/json"
+    body = response.json()
+    assert set(body) == {"error"}
+    assert message in body["error"]
+    # ...and the server still answers correctly.
+    after = predict(server, mnist_digits[0])
+    assert after.status_code == 200 and after.json()["digit"] == mnist_digits[0].label

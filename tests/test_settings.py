@@ -1,0 +1,51 @@
+"""service/settings.py: environment variables in, one frozen settings object out."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from service.settings import Settings, available_cores
+
+
+def test_defaults() -> None:
+    settings = Settings.from_env({})
+    assert settings.models == ("mnist-cnn",) and settings.default_model == "mnist-cnn"
+    assert settings.device == "auto"
+    assert settings.workers == available_cores()
+    assert settings.max_bytes == 10 * 1024 * 1024 and settings.max_batch == 256
+    assert settings.model_path("mnist-cnn").parts[-2:] == ("exported", "mnist-cnn.onnx")
+
+
+def test_values_from_the_environment() -> None:
+    env = {
+        "MNIST_MODELS": " mnist-mlp, mnist-cnn,,mnist-mlp ",
+        "MNIST_DEVICE": "CPU",
+        "MNIST_WORKERS": "3",
+        "MNIST_THREADS": "4",
+        "MNIST_MAX_BYTES": "1000",
+        "MNIST_MAX_PIXELS": "2000",
+        "MNIST_MAX_BATCH": "8",
+        "MNIST_EXPORTED_DIR": "/models",
+    }
+    settings = Settings.from_env(env)
+    assert settings.models == ("mnist-mlp", "mnist-cnn") and settings.default_model == "mnist-mlp"
+    assert (settings.device, settings.workers, settings.threads) == ("cpu", 3, 4)
+    assert (settings.max_bytes, settings.max_pixels, settings.max_batch) == (1000, 2000, 8)
+    assert settings.model_path("x") == Path("/models/x.onnx")
+    assert settings.intra_op_threads == 1  # 12 concurrent requests on this machine: one thread each
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        ({"MNIST_DEVICE": "tpu"}, "MNIST_DEVICE='tpu' is not one of auto, cuda, cpu"),
+        ({"MNIST_WORKERS": "two"}, "MNIST_WORKERS='two' is not an integer"),
+        ({"MNIST_MAX_BATCH": "0"}, "MNIST_MAX_BATCH=0 must be at least 1"),
+        ({"MNIST_MODELS": " , "}, "MNIST_MODELS is empty"),
+    ],
+)
+def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        Settings.from_env(env)
