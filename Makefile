@@ -8,7 +8,7 @@ STAMP  := $(VENV)/.stamp
 
 MODELS ?= cnn mlp
 
-.PHONY: serve test lint format data train export evaluate bento container loadtest bench bench-preprocess soak sysdeps clean help
+.PHONY: serve test lint format data train export evaluate bento container loadtest bench bench-preprocess soak container-gpu sysdeps clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -61,6 +61,19 @@ evaluate: $(STAMP)-dev  ## test accuracy of the shipped ONNX files with ONNX Run
 
 bench-preprocess: $(STAMP)-dev  ## accuracy on realistic uploads: tutorial preprocessing vs ours
 	$(BIN)/python benchmarks/preprocess_accuracy.py --model exported/mnist-cnn.onnx --count 1000
+
+BACKEND   ?= docker
+IMAGE     ?= mnist-service:latest
+GPU_IMAGE ?= mnist-service:gpu
+
+bento: $(STAMP)-serving  ## build the Bento from bentofile.yaml (service code, exported/ models, serving deps)
+	$(BIN)/bentoml build
+
+container: bento  ## build the CPU service image $(IMAGE) with BACKEND=docker|podman
+	$(BIN)/bentoml containerize mnist:latest --backend $(BACKEND) -t $(IMAGE)
+
+container-gpu: container  ## add CUDA/cuDNN to $(IMAGE) as $(GPU_IMAGE) (run with --gpus all)
+	$(BACKEND) build -f deploy/Containerfile.gpu --build-arg BASE=$(IMAGE) -t $(GPU_IMAGE) deploy
 
 clean:  ## remove the virtual environment and caches (keeps data/ and runs/)
 	rm -rf $(VENV) .pytest_cache .ruff_cache
