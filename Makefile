@@ -59,6 +59,20 @@ export: $(STAMP)-dev  ## export the newest run of each model into exported/ (ver
 evaluate: $(STAMP)-dev  ## test accuracy of the shipped ONNX files with ONNX Runtime
 	for f in exported/*.onnx; do $(BIN)/python -m training evaluate $$f || exit 1; done
 
+URL ?=
+USERS ?= 16
+DURATION ?= 60
+SOAK_DURATION ?= 300
+
+loadtest: $(STAMP)-dev  ## Locust load test, headless; local server unless URL=http://host:3000 (USERS=16 DURATION=60)
+	$(BIN)/python -m loadtest.run $(if $(URL),--url $(URL)) --users $(USERS) --time $(DURATION)
+
+soak: $(STAMP)-dev  ## soak run (SOAK_DURATION=300 s): zero errors, worker memory growth <= 5 %
+	$(BIN)/python -m loadtest.run --soak --time $(SOAK_DURATION) $(if $(URL),--url $(URL))
+
+bench: $(STAMP)-dev  ## HTTP benchmark table on this machine (needs wrk: apt-get install -y wrk)
+	$(BIN)/python -m benchmarks.bench_service
+
 bench-preprocess: $(STAMP)-dev  ## accuracy on realistic uploads: tutorial preprocessing vs ours
 	$(BIN)/python benchmarks/preprocess_accuracy.py --model exported/mnist-cnn.onnx --count 1000
 

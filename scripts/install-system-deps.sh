@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# Installs the Debian packages the test suite drives for real: Chromium (browser test), Podman + runc +
-# debootstrap (container test). Skips what is present; needs root (or passwordless sudo) for what is missing.
+# Installs the Debian packages the tests and benchmarks drive for real: Chromium (browser test), Podman + runc +
+# debootstrap (container test), wrk (make bench). Skips what is present; needs root (or passwordless sudo) for what is missing.
 set -euo pipefail
-declare -A need=([chromium]=chromium [podman]=podman [runc]=runc [debootstrap]=debootstrap [npm]=npm)
+declare -A need=([wrk]=wrk [chromium]=chromium [podman]=podman [runc]=runc [debootstrap]=debootstrap [npm]=npm)
 missing=()
 for bin in "${!need[@]}"; do command -v "$bin" >/dev/null 2>&1 || missing+=("${need[$bin]}"); done
 if [ ${#missing[@]} -eq 0 ]; then exit 0; fi

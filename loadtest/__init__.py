@@ -1,0 +1,1 @@
+"""Load tests of the HTTP service: Locust scenario, local server control, real MNIST digits as PNG uploads."""
