@@ -6,7 +6,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,6 +17,8 @@ import numpy as np
 import pytest
 import requests
 from PIL import Image
+
+from loadtest.server import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = Path(__file__).resolve().parent / "fixtures"
@@ -59,12 +60,6 @@ def mnist_digits() -> list[Digit]:
         pixels = np.asarray(Image.open(io.BytesIO(png)), dtype=np.float32) / np.float32(255)
         digits.append(Digit(row["file"], png, int(row["label"]), pixels))
     return digits
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,6 @@ import io
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,8 @@ import requests
 import yaml
 from mnist_fixture import candidate_dirs, mnist_test
 from PIL import Image
+
+from loadtest.server import free_port
 
 pytestmark = pytest.mark.slow
 
@@ -50,12 +51,6 @@ def run(cmd: list[str], env: dict[str, str], timeout: float) -> str:
     if done.returncode != 0:
         pytest.fail(f"{' '.join(cmd)} exited {done.returncode}:\n{(done.stdout + done.stderr)[-5000:]}")
     return done.stdout
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def probe_paths() -> dict[str, str]:
