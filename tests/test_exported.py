@@ -34,6 +34,10 @@ def test_file_matches_its_entry(name: str) -> None:
     assert meta["model_name"] == name
     assert int(meta["parameters"]) == entry["parameters"] and int(meta["opset"]) == entry["opset"]
     assert float(meta["test_accuracy"]) == pytest.approx(entry["test_accuracy"])
+    # Where it came from: the run (also in the file's metadata) and the commands that made it.
+    assert entry["run_id"] == meta["run_id"]
+    assert entry["train_command"].startswith("python -m training train --model " + meta["architecture"])
+    assert entry["export_command"].startswith("python -m training export ")
 
 
 @pytest.mark.slow
