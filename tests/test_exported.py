@@ -8,12 +8,17 @@ from pathlib import Path
 import onnx
 import pytest
 
+from service.runtime import REQUIRED_KEYS as SERVICE_REQUIRED
 from training.evaluate import evaluate_onnx
 from training.export import REQUIRED_METADATA, file_sha256
 
 EXPORTED = Path(__file__).resolve().parent.parent / "exported"
 INDEX = json.loads((EXPORTED / "models.json").read_text())["models"]
 TARGETS = {"mnist-cnn": 0.995, "mnist-mlp": 0.985}
+
+
+def test_the_exporter_writes_every_key_the_service_requires() -> None:
+    assert set(SERVICE_REQUIRED) <= set(REQUIRED_METADATA)
 
 
 def test_the_shipped_models_are_listed() -> None:
