@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from training.data import load_mnist
+from training.data import load_mnist, normalise
 from training.evaluate import load_checkpoint
-from training.train import default_recipe, normalise, pick_device, train
+from training.train import default_recipe, pick_device, train
 
 
 @pytest.fixture(scope="module")

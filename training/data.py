@@ -48,6 +48,16 @@ MNIST_MEAN = 0.1307
 MNIST_STD = 0.3081
 
 
+def normalise(images: torch.Tensor) -> torch.Tensor:
+    """uint8 pixels [N, 28, 28] or [0, 1] floats [N, 1, 28, 28] -> the normalised float input [N, 1, 28, 28]."""
+    x = images.float()
+    if not images.dtype.is_floating_point:
+        x = x / 255.0
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    return (x - MNIST_MEAN) / MNIST_STD
+
+
 class DataError(RuntimeError):
     """The MNIST files could not be found or did not verify."""
 
@@ -56,17 +66,15 @@ class ChecksumError(DataError):
     """A file's SHA-256 differs from the original MNIST file's."""
 
 
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+def _raw(path: Path) -> bytes:
+    """A file's original bytes: .gz files are decompressed, so checksums and parsing see the same data."""
+    data = path.read_bytes()
+    return gzip.decompress(data) if path.suffix == ".gz" else data
 
 
 def read_idx(path: Path) -> np.ndarray:
     """Parse one IDX file (raw or .gz) into a uint8 array of its declared shape."""
-    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    raw = _raw(path)
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     dtype_code, ndim = raw[2], raw[3]
@@ -101,8 +109,7 @@ def verify_dir(directory: Path) -> dict[str, Path]:
     paths: dict[str, Path] = {}
     for name, path in found.items():
         assert path is not None
-        data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
-        actual = hashlib.sha256(data).hexdigest()
+        actual = hashlib.sha256(_raw(path)).hexdigest()
         if actual != SHA256[name]:
             raise ChecksumError(f"{path}: SHA-256 {actual} does not match MNIST's {SHA256[name]}")
         paths[name] = path

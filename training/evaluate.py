@@ -34,7 +34,7 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
     import torch
     import torch.nn.functional as F
 
-    from training.train import normalise
+    from training.data import normalise
 
     was_training = model.training
     model.eval()

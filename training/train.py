@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from training.data import MNIST, MNIST_MEAN, MNIST_STD, load_mnist
+from training.data import MNIST, MNIST_MEAN, MNIST_STD, load_mnist, normalise
 from training.evaluate import evaluate_model
 from training.models import build, count_parameters
 
@@ -79,16 +79,6 @@ def pick_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)
-
-
-def normalise(images: torch.Tensor) -> torch.Tensor:
-    """uint8 or [0, 1] float pixels [N, 28, 28] -> normalised float [N, 1, 28, 28]."""
-    x = images.float()
-    if images.dtype == torch.uint8:
-        x = x / 255.0
-    if x.dim() == 3:
-        x = x.unsqueeze(1)
-    return (x - MNIST_MEAN) / MNIST_STD
 
 
 def augment(images: torch.Tensor, recipe: Recipe, generator: torch.Generator) -> torch.Tensor:
@@ -182,7 +172,7 @@ def train(
             x = data.train_images[idx].unsqueeze(1).float() / 255.0
             if recipe.augment:
                 x = augment(x, recipe, generator)
-            x = (x - MNIST_MEAN) / MNIST_STD
+            x = normalise(x)
             if use_amp and recipe.model != "mlp":
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
