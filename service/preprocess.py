@@ -16,9 +16,12 @@ from __future__ import annotations
 
 import io
 import math
+from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
+
+from . import segment
 
 MNIST_SIDE = 28
 DIGIT_BOX = 20
@@ -44,14 +47,16 @@ MASK_LEVEL = 0.3
 # LOW disappears, stroke cores above HIGH saturate, as about half of MNIST's ink pixels do (>= 224/255).
 INK_LOW = 0.15
 INK_HIGH = 0.75
-# Stroke width relative to the digit's longer side (2 * area / perimeter of the inked mask): MNIST's median
-# is 0.09 and its 5th percentile 0.06. Finer strokes (a ballpoint on a big photo) are thickened to about
-# the median before shrinking, or they would fade to faint one-pixel lines the model has never seen.
+# Stroke width relative to the digit's longer side (2 * area / perimeter of the inked mask): on MNIST's
+# training digits the 5th, 50th and 95th percentiles are 0.064, 0.099 and 0.153. Finer strokes (a ballpoint on
+# a big photo) are thickened to about the median before shrinking, or they would fade to faint one-pixel lines
+# the model has never seen; bolder ones (a marker) are thinned to an upper-usual width.
 THIN_STROKE = 0.06
 TARGET_STROKE = 0.09
-# A run of rows/columns separated from the digit by empty lines, with less than this fraction of the ink,
-# is a speck of dirt or a stray mark, not part of the digit: it must not stretch the bounding box.
-SPECK_FRACTION = 0.03
+THICK_STROKE = 0.16
+THICK_TARGET = 0.11
+# Pixels kept around the digit's mask: its anti-aliased edges, fainter than the mask's level.
+EDGE_PIXELS = 2
 
 
 class ImageError(ValueError):
@@ -112,17 +117,68 @@ def preprocess(data: bytes, *, max_bytes: int, max_pixels: int) -> np.ndarray:
     return to_mnist(decode_image(data, max_bytes=max_bytes, max_pixels=max_pixels))
 
 
+@dataclass(frozen=True)
+class Reading:
+    """One digit found on a page: where it is and what the model is shown."""
+
+    box: tuple[int, int, int, int]  # x, y, width, height in the upload's pixels (after EXIF orientation)
+    pixels: np.ndarray  # float32 (28, 28) in [0, 1], white ink on black, MNIST-normalised
+
+
+@dataclass(frozen=True)
+class _Page:
+    """An upload analysed: its ink on the analysis copy (ink-bright, the paper's light divided out), or the
+    MNIST digit it already is."""
+
+    ink: np.ndarray
+    smooth: np.ndarray  # 3x3 mean of ink
+    contrast: float
+    scale: float  # upload pixels per analysis pixel
+    passed: np.ndarray | None = None  # a 28x28 already in MNIST form, as it is
+
+
 def to_mnist(image: Image.Image) -> np.ndarray:
     """A decoded image of any mode and size -> float32 (28, 28) in [0, 1], white ink on black.
 
     A 28x28 image that already looks like MNIST (dark background, ink within a 20x20 box, centre of mass
     at (14, 14)) is returned as its pixels / 255, bit for bit (inverted exactly if it is black on white).
-    Raises ImageError(400) when there is no ink.
+    Raises ImageError(400) when there is no ink, ImageError(422) for several digits side by side.
     """
+    page = _analyse(image)
+    if page.passed is not None:
+        return page.passed
+    digits = _digits(page)
+    if len(digits) > 1 and segment.side_by_side(digits):
+        raise ImageError(
+            422,
+            f"found {len(digits)} digits side by side; /predict reads one digit per image: "
+            "send the whole number to /read, or one digit per image",
+        )
+    return _render(page, max(digits, key=lambda g: g.mass))
+
+
+def read_digits(image: Image.Image, *, max_digits: int) -> list[list[Reading]]:
+    """Every digit on the page, as rows top to bottom, each left to right; each digit goes through the same
+    MNIST recipe as `to_mnist`, and touching digits are split where their ink is thinnest.
+
+    Raises ImageError(400) when there is no digit, ImageError(413) for more than `max_digits`.
+    """
+    page = _analyse(image)
+    if page.passed is not None:
+        return [[Reading((0, 0, MNIST_SIDE, MNIST_SIDE), page.passed)]]
+    rows = [segment.split_touching(row) for row in segment.reading_order(_digits(page))]
+    count = sum(len(row) for row in rows)
+    if count > max_digits:
+        raise ImageError(413, f"found {count} digits; the limit is {max_digits} per image (MNIST_MAX_DIGITS)")
+    return [[Reading(_box(glyph, page.scale), _render(page, glyph)) for glyph in row] for row in rows]
+
+
+def _analyse(image: Image.Image) -> _Page:
     image = _simple_mode(image)
+    scale = 1.0
     if max(image.size) > WORK_SIDE:
-        scale = WORK_SIDE / max(image.size)
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        scale = max(image.size) / WORK_SIDE
+        size = (max(1, round(image.width / scale)), max(1, round(image.height / scale)))
         # BOX is area averaging: the right anti-aliasing for a shrink; LA/RGBA are premultiplied by Pillow.
         image = image.resize(size, Image.Resampling.BOX)
     gray8, gray, alpha = _planes(image)
@@ -134,40 +190,67 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     if (
         image.size == (MNIST_SIDE, MNIST_SIDE)
         and gray8 is not None
-        and not _border(gray8).any()
+        and not segment.border(gray8).any()
         and gray8.max() >= 255 * MIN_CONTRAST
     ):
         passed = _mnist_pass_through(gray8, gray)
         if passed is not None:
-            return passed
+            return _Page(gray, gray, 1.0, scale, passed)
 
     smooth = _smooth3(gray)
-    border = _border(gray)
+    border = segment.border(gray)
     background = float(np.median(border))
     # Noise of the smoothed image, from the median absolute deviation of the raw border (robust to ink
     # that touches the border), divided by 3 for the 3x3 mean.
     noise = 1.4826 * float(np.median(np.abs(border - background))) / 3.0
     # Polarity: the ink is whichever side of the paper's level has the larger excursion. Dark ink on
-    # light paper gets inverted, so the ink is bright as in MNIST.
+    # light paper gets inverted, so the ink is bright as in MNIST (and a shadow becomes a bright region).
     if background - float(smooth.min()) > float(smooth.max()) - background:
         gray = 1.0 - gray
         smooth = 1.0 - smooth
         background = 1.0 - background
         gray8 = None if gray8 is None else 255 - gray8
-
     contrast = float(smooth.max()) - background
     if contrast < MIN_CONTRAST or contrast < MIN_NOISE_SIGMAS * noise:
         raise ImageError(400, "no digit found: the image is blank or has too little contrast")
 
-    if image.size == (MNIST_SIDE, MNIST_SIDE):
-        passed = _mnist_pass_through(gray8, gray)
-        if passed is not None:
-            return passed
+    # Ink strength with the paper's uneven light divided out (segment.flatten): paper ~0 everywhere, so a page
+    # whose only contrast was a shadow or a gradient has none left.
+    ink = segment.flatten(gray)
+    smooth = _smooth3(ink)
+    contrast = float(smooth.max())
+    if contrast < MIN_CONTRAST:
+        raise ImageError(400, "no digit found: only shadows or uneven light on the page")
+    passed = _mnist_pass_through(gray8, gray) if image.size == (MNIST_SIDE, MNIST_SIDE) else None
+    return _Page(ink, smooth, contrast, scale, passed)
 
-    rows, cols = _ink_box(smooth - background > MASK_LEVEL * contrast)
+
+def _digits(page: _Page) -> list[segment.Glyph]:
+    """The digit-sized glyphs on the page: lines, shadows' edges and specks dropped."""
+    mask = page.smooth > MASK_LEVEL * page.contrast
+    mask &= ~segment.remove_lines(mask)
+    digits = segment.digit_sized(segment.glyphs(page.ink, mask), mask.shape)
+    if not digits:
+        raise ImageError(400, "no digit found: only lines, specks or shadows on the page")
+    return digits
+
+
+def _render(page: _Page, digit: segment.Glyph) -> np.ndarray:
+    """One glyph through MNIST's recipe: its ink stretched, strokes normalised, fit to 20x20, centred in 28x28."""
+    # Stretch by the digit's own contrast (a removed line or a darker speck may have had more).
+    contrast = float(page.smooth[digit.top : digit.bottom, digit.left : digit.right][digit.mask].max())
     low, high = INK_LOW * contrast, INK_HIGH * contrast
-    ink = (gray[rows, cols] - (background + low)) * (1.0 / (high - low))
-    return _place(_thicken(np.clip(ink, 0.0, 1.0, out=ink)))
+    strokes = (_crop(page.ink, digit) - low) * (1.0 / (high - low))
+    return _place(_normalise_strokes(np.clip(strokes, 0.0, 1.0, out=strokes)))
+
+
+def _box(glyph: segment.Glyph, scale: float) -> tuple[int, int, int, int]:
+    return (
+        round(glyph.left * scale),
+        round(glyph.top * scale),
+        max(1, round(glyph.width * scale)),
+        max(1, round(glyph.height * scale)),
+    )
 
 
 def pixels_to_array(pixels: object) -> np.ndarray:
@@ -269,19 +352,6 @@ def _smooth3(gray: np.ndarray) -> np.ndarray:
     return (rows[:, :-2] + rows[:, 1:-1] + rows[:, 2:]) * np.float32(1.0 / 9.0)
 
 
-def _border(gray: np.ndarray) -> np.ndarray:
-    """The outer ring (2% of the shorter side, at least 1 pixel): where the paper is."""
-    width = max(1, min(gray.shape) // 50)
-    return np.concatenate(
-        [
-            gray[:width].ravel(),
-            gray[-width:].ravel(),
-            gray[width:-width, :width].ravel(),
-            gray[width:-width, -width:].ravel(),
-        ]
-    )
-
-
 def _mnist_pass_through(gray8: np.ndarray | None, gray: np.ndarray) -> np.ndarray | None:
     """A 28x28 image already normalised like MNIST, exactly as it is; None when it needs normalising."""
     nonzero = gray8 > 0 if gray8 is not None else gray > 0.5 / 255
@@ -296,23 +366,6 @@ def _mnist_pass_through(gray8: np.ndarray | None, gray: np.ndarray) -> np.ndarra
     return np.ascontiguousarray(gray, dtype=np.float32)
 
 
-def _ink_box(mask: np.ndarray) -> tuple[slice, slice]:
-    """Bounding box of the mask, ignoring small specks separated from the digit by empty lines."""
-    return _ink_span(mask.sum(axis=1)), _ink_span(mask.sum(axis=0))
-
-
-def _ink_span(profile: np.ndarray) -> slice:
-    inked = profile > 0
-    # Runs of consecutive inked lines: starts where ink begins, ends (exclusive) where it stops.
-    edges = np.flatnonzero(np.diff(np.concatenate(([0], inked.view(np.int8), [0]))))
-    starts, stops = edges[0::2], edges[1::2]
-    mass = np.array([profile[a:b].sum() for a, b in zip(starts, stops, strict=True)], dtype=np.float64)
-    keep = np.flatnonzero(mass >= SPECK_FRACTION * mass.sum())
-    if keep.size == 0:  # every run is tiny: keep them all
-        keep = np.arange(starts.size)
-    return slice(int(starts[keep[0]]), int(stops[keep[-1]]))
-
-
 def _centre_of_mass(values: np.ndarray) -> tuple[float, float]:
     total = float(values.sum())
     rows = float(values.sum(axis=1) @ np.arange(values.shape[0], dtype=np.float32)) / total
@@ -320,32 +373,44 @@ def _centre_of_mass(values: np.ndarray) -> tuple[float, float]:
     return rows, cols
 
 
-def _thicken(ink: np.ndarray) -> np.ndarray:
-    """Widen strokes much finer than MNIST's (see THIN_STROKE) by a grey-level dilation."""
+def _normalise_strokes(ink: np.ndarray) -> np.ndarray:
+    """Bring stroke widths far outside MNIST's (see THIN_STROKE, THICK_STROKE) towards its usual ones.
+
+    Fine pens are widened by a grey-level dilation, markers narrowed by an erosion (and the ink re-cropped, as
+    the erosion shrinks it): 28x28 strokes then look like the ones the model learned from.
+    """
     mask = ink > 0.5
     area = int(np.count_nonzero(mask))
     perimeter = int(np.count_nonzero(np.diff(mask, axis=0))) + int(np.count_nonzero(np.diff(mask, axis=1)))
     side = max(ink.shape)
-    if area == 0 or perimeter == 0 or 2 * area / perimeter >= THIN_STROKE * side:
+    if area == 0 or perimeter == 0 or THIN_STROKE * side <= 2 * area / perimeter <= THICK_STROKE * side:
         return ink
     width = 2 * area / perimeter
     if side > 4 * DIGIT_BOX:
-        # Dilate at 4x the final size: a few shifts instead of dozens, and the shrink anti-aliases anyway.
+        # Work at 4x the final size: a few shifts instead of dozens, and the shrink anti-aliases anyway.
         scale = 4 * DIGIT_BOX / side
         size = (max(1, round(ink.shape[1] * scale)), max(1, round(ink.shape[0] * scale)))
         ink = np.asarray(Image.fromarray(ink, mode="F").resize(size, Image.Resampling.BOX))
         side, width = max(ink.shape), width * scale
-    radius = round((TARGET_STROKE * side - width) / 2)
+    thin = width < THIN_STROKE * side
+    radius = round(abs((TARGET_STROKE if thin else THICK_TARGET) * side - width) / 2)
     if radius < 1:
         return ink
-    out = np.pad(ink, radius)
-    for axis in (0, 1):
-        grown = out.copy()
-        for shift in range(1, radius + 1):
-            np.maximum(grown, np.roll(out, shift, axis=axis), out=grown)
-            np.maximum(grown, np.roll(out, -shift, axis=axis), out=grown)
-        out = grown
-    return out
+    if thin:
+        return segment.max_filter(np.pad(ink, radius), 2 * radius + 1)
+    eroded = segment.min_filter(ink, 2 * radius + 1)
+    inked = eroded > 0.5 / 255
+    if not inked.any():
+        return ink
+    rows, cols = np.flatnonzero(inked.any(axis=1)), np.flatnonzero(inked.any(axis=0))
+    return eroded[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+
+
+def _crop(ink: np.ndarray, digit: segment.Glyph) -> np.ndarray:
+    """The digit's box (as MNIST's makers cropped: to the ink's mask) with nothing of the other ink in it; the
+    digit's own mask is widened by EDGE_PIXELS to keep its soft edges."""
+    own = segment.max_filter(digit.mask.astype(np.float32), 2 * EDGE_PIXELS + 1) > 0
+    return ink[digit.top : digit.bottom, digit.left : digit.right] * own
 
 
 def _place(ink: np.ndarray) -> np.ndarray:

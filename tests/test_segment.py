@@ -1,0 +1,131 @@
+"""service.segment: illumination removal, line removal, components and glyphs, on real MNIST digits and pages."""
+
+from __future__ import annotations
+
+from collections import deque
+
+import numpy as np
+import pytest
+from mnist_fixture import mnist_test
+from PIL import Image
+
+from service import segment
+
+
+@pytest.fixture(scope="module")
+def digits() -> np.ndarray:
+    data = mnist_test()
+    if data is None:
+        pytest.fail("MNIST test files not found; run `make data`")
+    return data[0][:12]
+
+
+def flood_fill_count(mask: np.ndarray) -> int:
+    """8-connected components, counted the slow obvious way."""
+    seen = np.zeros_like(mask)
+    count = 0
+    for start in zip(*np.nonzero(mask), strict=True):
+        if seen[start]:
+            continue
+        count += 1
+        seen[start] = True
+        queue = deque([start])
+        while queue:
+            y, x = queue.popleft()
+            for dy in (-1, 0, 1):
+                for dx in (-1, 0, 1):
+                    yy, xx = y + dy, x + dx
+                    if 0 <= yy < mask.shape[0] and 0 <= xx < mask.shape[1] and mask[yy, xx] and not seen[yy, xx]:
+                        seen[yy, xx] = True
+                        queue.append((yy, xx))
+    return count
+
+
+@pytest.mark.parametrize("density", [0.3, 0.5, 0.6])
+def test_run_length_labelling_matches_flood_fill(density: float) -> None:
+    mask = np.random.default_rng(int(density * 10)).random((60, 80)) < density
+    labels, count = segment._label(segment._runs(mask), mask.shape[1])
+    assert count == flood_fill_count(mask)
+    assert labels.max() == count - 1
+
+
+def test_min_and_max_filters_match_a_brute_force_window() -> None:
+    values = np.random.default_rng(0).random((40, 50)).astype(np.float32)
+    for window in (1, 3, 5, 9, 25):
+        padded = np.pad(values, window // 2, mode="edge")
+        stack = [padded[i : i + 40, j : j + 50] for i in range(window) for j in range(window)]
+        assert np.array_equal(segment.min_filter(values, window), np.min(stack, axis=0))
+        assert np.array_equal(segment.max_filter(values, window), np.max(stack, axis=0))
+
+
+def test_flatten_removes_a_shadow_and_keeps_the_ink(digits: np.ndarray) -> None:
+    # Ink-bright page: MNIST digit on a sheet whose top-left corner is in a shadow 50% darker (0.5 in ink-bright),
+    # cast from outside the frame, with a penumbra of 10 px.
+    big = np.asarray(Image.fromarray(digits[0]).resize((120, 120)), np.float32) / 255
+    yy, xx = np.mgrid[0:300, 0:400]
+    light = (1.0 - 0.5 * np.clip((200 - np.hypot(yy, xx)) / 10 + 0.5, 0, 1)).astype(np.float32)
+    reflectance = np.ones((300, 400), np.float32)
+    reflectance[150:270, 250:370] = 1 - 0.9 * big
+    reflectance[20:140, 20:140] = 1 - 0.9 * big  # the same digit inside the shadow
+    ink = segment.flatten(1 - light * reflectance)
+    paper = np.ones((300, 400), bool)
+    paper[10:150, 10:150] = paper[140:280, 240:380] = False
+    assert np.percentile(ink[paper], 99) < 0.1
+    # The digit has the same strength in the shadow as in the light.
+    lit, shaded = ink[150:270, 250:370].max(), ink[20:140, 20:140].max()
+    assert lit > 0.8 and abs(lit - shaded) < 0.1
+
+
+def test_glyphs_are_found_left_to_right_and_specks_dropped(digits: np.ndarray) -> None:
+    page = np.zeros((120, 400), np.float32)
+    for i, digit in enumerate(digits[:3]):
+        page[10:110, 20 + 130 * i : 120 + 130 * i] = np.asarray(Image.fromarray(digit).resize((100, 100))) / 255
+    page[2:4, 390:392] = 1.0  # a speck
+    found = segment.glyphs(page, page > 0.3)
+    assert [g.left // 130 for g in found] == [0, 1, 2]
+    assert all(40 <= g.height <= 100 for g in found)
+    assert segment.side_by_side(segment.digit_sized(found, page.shape))
+
+
+def test_a_hat_joins_its_digit() -> None:
+    mask = np.zeros((200, 200), bool)
+    mask[60:180, 50:60] = True  # a stroke
+    mask[40:50, 50:120] = True  # its hat, 10 px above
+    (glyph,) = segment.glyphs(mask.astype(np.float32), mask)
+    assert (glyph.top, glyph.left, glyph.height, glyph.width) == (40, 50, 140, 70)
+
+
+def test_ruled_lines_are_removed_where_no_stroke_crosses_them() -> None:
+    mask = np.zeros((300, 400), bool)
+    mask[50::60, :] = True  # ruled lines every 60 px
+    mask[20:200, 200:208] = True  # a stroke crossing three of them
+    lines = segment.remove_lines(mask)
+    assert lines[50, :150].all() and lines[110, 250:].all()
+    assert not lines[50, 200:208].any() and not lines[110, 200:208].any()
+    assert not lines[20:200, 200:208].any()
+
+
+def test_a_long_stroke_that_does_not_cross_the_page_is_no_line() -> None:
+    mask = np.zeros((300, 400), bool)
+    mask[30:270, 195:203] = True  # a tall 1 on a canvas, not touching the edges
+    assert not segment.remove_lines(mask).any()
+
+
+def test_touching_digits_are_split_where_the_ink_is_thinnest(digits: np.ndarray) -> None:
+    a, b = (np.asarray(Image.fromarray(d).resize((100, 100))) / 255 for d in digits[:2])
+    page = np.zeros((120, 200), np.float32)
+    page[10:110, 10:110] = a
+    page[10:110, 85:185] = np.maximum(page[10:110, 85:185], b)  # overlapping boxes: the ink touches
+    rows = segment.reading_order(segment.glyphs(page, page > 0.3))
+    assert len(rows) == 1
+    parts = segment.split_touching(rows[0])
+    assert len(parts) == 2 and parts[0].right <= parts[1].left + 2
+
+
+def test_reading_order_puts_rows_top_to_bottom(digits: np.ndarray) -> None:
+    page = np.zeros((260, 300), np.float32)
+    for i, (row, col) in enumerate([(10, 150), (10, 20), (140, 90)]):
+        page[row : row + 100, col : col + 100] = np.asarray(Image.fromarray(digits[i]).resize((100, 100))) / 255
+    rows = segment.reading_order(segment.glyphs(page, page > 0.3))
+    assert [len(row) for row in rows] == [2, 1]
+    assert rows[0][0].left < rows[0][1].left and rows[1][0].top > rows[0][0].bottom
