@@ -6,9 +6,9 @@ BIN    := $(VENV)/bin
 PIP    := $(BIN)/python -m pip
 STAMP  := $(VENV)/.stamp
 
-MODELS ?= cnn mlp
+MODELS ?= cnn mlp cnn-tiny
 
-.PHONY: serve test lint format data train export evaluate bento container loadtest bench bench-preprocess soak container-gpu sysdeps clean help
+.PHONY: serve test lint format data train export evaluate bento container loadtest bench bench-preprocess bench-read chaos soak container-gpu sysdeps clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -46,14 +46,15 @@ test: sysdeps $(STAMP)-dev lint  ## set up and run the whole test suite (what CI
 data: $(STAMP)-dev  ## fetch and verify MNIST into data/mnist
 	$(BIN)/python -m training data
 
-train: $(STAMP)-dev  ## train the default recipes (MODELS="cnn mlp") into runs/
+train: $(STAMP)-dev  ## train the default recipes (MODELS="cnn mlp cnn-tiny") into runs/
 	for m in $(MODELS); do $(BIN)/python -m training train --model $$m || exit 1; done
 
-export: $(STAMP)-dev  ## export the newest run of each model into exported/ (verified)
+# runs/<model>-<date>-<time>/: "cnn-2*" so that the newest cnn run is never a cnn-tiny one.
+export: $(STAMP)-dev  ## export the newest run of each model into exported/ (verified; int8 variants where they pay)
 	for m in $(MODELS); do \
-	  ckpt=$$(ls -td runs/$$m-*/ 2>/dev/null | head -1)best.pt; \
+	  ckpt=$$(ls -td runs/$$m-2*/ 2>/dev/null | head -1)best.pt; \
 	  test -f "$$ckpt" || { echo "no run of $$m in runs/: make train first"; exit 1; }; \
-	  $(BIN)/python -m training export "$$ckpt" --out exported/ || exit 1; \
+	  $(BIN)/python -m training export "$$ckpt" --out exported/ --int8 || exit 1; \
 	done
 
 evaluate: $(STAMP)-dev  ## test accuracy of the shipped ONNX files with ONNX Runtime
@@ -73,8 +74,14 @@ soak: $(STAMP)-dev  ## soak run (SOAK_DURATION=300 s): zero errors, worker memor
 bench: $(STAMP)-dev  ## HTTP benchmark table on this machine (needs wrk: apt-get install -y wrk)
 	$(BIN)/python -m benchmarks.bench_service
 
-bench-preprocess: $(STAMP)-dev  ## accuracy on realistic uploads: tutorial preprocessing vs ours
-	$(BIN)/python benchmarks/preprocess_accuracy.py --model exported/mnist-cnn.onnx --count 1000
+chaos: $(STAMP)-dev  ## issue 13 under load: memory in a burst of big decodes, 5,000 connections, keep-alive balance (needs wrk)
+	$(BIN)/python -m benchmarks.chaos
+
+bench-preprocess: $(STAMP)-dev  ## accuracy on realistic uploads, per family: tutorial pipeline, before, ours
+	$(BIN)/python benchmarks/preprocess_accuracy.py --model exported/mnist-cnn.onnx --per-family 250
+
+bench-read: $(STAMP)-dev  ## /read on pages of several digits: whole-string and per-digit accuracy
+	$(BIN)/python -m benchmarks.read_accuracy --model exported/mnist-cnn.onnx --pages 200
 
 BACKEND   ?= docker
 IMAGE     ?= mnist-service:latest

@@ -25,7 +25,7 @@ import onnxruntime as ort
 from PIL import Image, ImageDraw, ImageFont
 
 from benchmarks.preprocess_accuracy import PEN_COLOURS, _ink, _lay, _paper, _photo, _shadow
-from service.preprocess import ImageError, decode_image, read_digits
+from service.preprocess import ImageError, candidates, choose, decode_image, read_digits
 from training.data import load_arrays
 
 REPO = Path(__file__).resolve().parent.parent
@@ -116,13 +116,15 @@ def edit_distance(a: str, b: str) -> int:
 
 
 def read(session: ort.InferenceSession, data: bytes) -> str:
+    """The text /read answers for this page (the same segmentation, batch and choice of cuts)."""
     try:
         rows = read_digits(decode_image(data, **LIMITS), max_digits=64)
     except ImageError:
         return ""
-    pixels = np.stack([r.pixels for row in rows for r in row])[:, None]
-    digits = iter(session.run(["probabilities"], {"image": pixels})[0].argmax(axis=1))
-    return "\n".join("".join(str(next(digits)) for _ in row) for row in rows)
+    found = candidates(rows)
+    (probabilities,) = session.run(["probabilities"], {"image": np.stack([c.pixels for c in found])[:, None]})
+    chosen = choose(rows, probabilities.max(axis=1).tolist())
+    return "\n".join("".join(str(int(probabilities[k].argmax())) for k in row) for row in chosen)
 
 
 def main() -> None:

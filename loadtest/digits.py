@@ -122,3 +122,28 @@ def calibrate(base_url: str, digits: Sequence[Digit], model: str | None = None) 
         kept += [d for d, p in zip(chunk, predictions, strict=True) if p["digit"] == d.label]
     accuracy = len(kept) / max(1, len(digits))
     return Calibration(card["name"], accuracy, float(card.get("test_accuracy") or 0.0), kept)
+
+
+def number_png(digits: Sequence[Digit]) -> bytes:
+    """The digits' 28x28 tiles side by side on a black strip with an 8 px border: a number, as /read takes it."""
+    tiles = [np.asarray(Image.open(io.BytesIO(d.png))) for d in digits]
+    return png_bytes(np.pad(np.concatenate(tiles, axis=1), 8))
+
+
+def readable_numbers(base_url: str, digits: Sequence[Digit], size: int = 3, model: str | None = None) -> list:
+    """(text, multipart body, content type) for numbers made of `size` of the digits that /read reads right.
+
+    Like `calibrate`: the load test then checks every answer, and a number the service cannot read at all is a
+    matter for the accuracy benchmark (benchmarks/read_accuracy.py), not for load.
+    """
+    out = []
+    for start in range(0, len(digits) - size + 1, size):
+        group = digits[start : start + size]
+        text = "".join(str(d.label) for d in group)
+        body, content_type = multipart(
+            [("image", "number.png", number_png(group))], {"model": model} if model else None
+        )
+        response = requests.post(f"{base_url}/read", data=body, headers={"Content-Type": content_type}, timeout=30)
+        if response.status_code == 200 and response.json().get("text") == text:
+            out.append((text, body, content_type))
+    return out

@@ -1,4 +1,4 @@
-"""Locust scenario: people uploading real MNIST digits, mostly one at a time, sometimes a batch.
+"""Locust scenario: people uploading real MNIST digits, mostly one at a time, sometimes a batch or a number.
 
 Run it through `python -m loadtest.run` (starts a server, writes the report and the chart), or by hand:
 
@@ -21,7 +21,15 @@ from locust import FastHttpUser, between, events, task
 from locust.env import Environment
 from locust.exception import StopUser
 
-from loadtest.digits import EXIT_CALIBRATION, Digit, batch_body, calibrate, mnist_test_digits, single_body
+from loadtest.digits import (
+    EXIT_CALIBRATION,
+    Digit,
+    batch_body,
+    calibrate,
+    mnist_test_digits,
+    readable_numbers,
+    single_body,
+)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +42,7 @@ BATCH_SIZES = (8, 16, 32, 64)  # what a client with a page of digits (a form, a 
 # Filled once per run by on_test_start: digits the model is known to get right, and their request bodies.
 POOL: list[Digit] = []
 SINGLE_BODIES: list[tuple[Digit, bytes, str]] = []
+NUMBER_BODIES: list[tuple[str, bytes, str]] = []  # three-digit numbers /read reads right, for its task
 
 
 @events.test_start.add_listener
@@ -57,6 +66,7 @@ def on_test_start(environment: Environment, **_: object) -> None:
         )
     POOL.extend(calibration.kept)
     SINGLE_BODIES.extend((d, *single_body(d, MODEL)) for d in POOL)
+    NUMBER_BODIES.extend(readable_numbers(environment.host.rstrip("/"), POOL[:96], model=MODEL))
 
 
 def _give_up(environment: Environment, why: str) -> None:
@@ -112,6 +122,19 @@ class DigitUploader(FastHttpUser):
                 response.failure(
                     f"{len(wrong)} wrong of {len(digits)}; e.g. got {got}, MNIST test #{d.index} is a {d.label}"
                 )
+
+    @task(1)
+    def read_number(self) -> None:
+        if not NUMBER_BODIES:
+            return
+        text, body, content_type = random.choice(NUMBER_BODIES)
+        with self.client.post(
+            "/read", data=body, headers={"Content-Type": content_type}, name="/read", catch_response=True
+        ) as response:
+            if response.status_code != 200:
+                response.failure(f"HTTP {response.status_code}: {(response.text or '')[:200]}")
+            elif response.json().get("text") != text:
+                response.failure(f"read {response.json().get('text')!r}, the number is {text}")
 
     @task(1)
     def model_card(self) -> None:

@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Installs the Debian packages the tests and benchmarks drive for real: Chromium (browser test), Podman + runc +
-# debootstrap (container test), wrk (make bench). Skips what is present; needs root (or passwordless sudo) for what is missing.
+# debootstrap (container test), wrk (make bench), the DejaVu fonts (training's non-digit images).
+# Skips what is present; needs root (or passwordless sudo) for what is missing.
 set -euo pipefail
 declare -A need=([wrk]=wrk [chromium]=chromium [podman]=podman [runc]=runc [debootstrap]=debootstrap [npm]=npm)
 missing=()
 for bin in "${!need[@]}"; do command -v "$bin" >/dev/null 2>&1 || missing+=("${need[$bin]}"); done
+# The DejaVu faces training/outliers.py renders its non-digit letters with (training and held-out sets).
+[ -f /usr/share/fonts/truetype/dejavu/DejaVuSansMono-Bold.ttf ] || missing+=(fonts-dejavu-core)
 if [ ${#missing[@]} -eq 0 ]; then exit 0; fi
 sudo=""
 if [ "$(id -u)" != 0 ]; then

@@ -15,10 +15,20 @@ import numpy as np
 from PIL import Image
 
 from .metrics import metrics
-from .preprocess import ImageError, pixels_to_array, preprocess, to_png
-from .runtime import Model, UnknownModelError
+from .preprocess import (
+    ImageError,
+    candidates,
+    choose,
+    decode_image,
+    pixels_to_array,
+    preprocess,
+    read_digits,
+    to_png,
+)
+from .runtime import Model, ModelCard, UnknownModelError
 from .settings import Settings
 from .uploads import RequestError
+from .work import raise_if_abandoned
 
 # Images up to this many pixels are cheap enough (< 0.5 ms) to preprocess on the event loop.
 SMALL_PIXELS = 128 * 128
@@ -34,6 +44,7 @@ def classify(
     pixels = np.empty((len(files), 28, 28), dtype=np.float32)
     observe = metrics().preprocess_seconds.observe
     for i, (name, data) in enumerate(files):
+        raise_if_abandoned()  # nobody is waiting for the answer any more (work.py)
         start = time.perf_counter()
         try:
             pixels[i] = preprocess(data, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
@@ -42,6 +53,7 @@ def classify(
                 raise
             raise ImageError(exc.status, f"images[{i}] ({name}): {exc}") from exc
         observe(time.perf_counter() - start)
+    raise_if_abandoned()
     return answers(model, pixels, return_image)
 
 
@@ -64,20 +76,52 @@ def classify_pixels(model: Model, body: dict[str, Any]) -> dict[str, Any]:
     return answers(model, pixels_to_array(body["pixels"])[np.newaxis], return_image=False)[0]
 
 
-def answers(model: Model, pixels: np.ndarray, return_image: bool) -> list[dict[str, Any]]:
-    """pixels (N, 28, 28) -> N answers: digit, confidence, the 10 probabilities, model and version."""
+def read_number(model: Model, data: bytes, settings: Settings) -> dict[str, Any]:
+    """One image of a number (one or more rows of digits) -> the text read and each digit's answer and box.
+
+    Every candidate goes through the model in one batch: each glyph, and for a glyph wide enough to be digits that
+    touch, its cut into them too; the cut is taken when its digits are, on average, more likely than the whole.
+    A row break in the text is a newline.
+    """
+    start = time.perf_counter()
+    image = decode_image(data, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)
+    rows = read_digits(image, max_digits=settings.max_digits)
+    metrics().preprocess_seconds.observe(time.perf_counter() - start)
+    raise_if_abandoned()
+    found = candidates(rows)
+    found_answers = answers(model, np.stack([c.pixels for c in found]), return_image=False, count=False)
+    chosen = choose(rows, [a["confidence"] for a in found_answers])
+    chosen_rows = [[(found[k], found_answers[k]) for k in row] for row in chosen]
+    digits = []
+    for reading, answer in (pair for row in chosen_rows for pair in row):
+        count_prediction(model.card, answer["digit"])
+        del answer["model"], answer["version"]
+        digits.append({**answer, "box": list(reading.box)})
+    metrics().read_digits.observe(len(digits))
+    labels = model.card.labels
+    text = "\n".join("".join(labels[answer["digit"]] for _, answer in row) for row in chosen_rows)
+    return {"text": text, "digits": digits, "model": model.card.name, "version": model.card.version}
+
+
+def answers(model: Model, pixels: np.ndarray, return_image: bool, count: bool = True) -> list[dict[str, Any]]:
+    """pixels (N, 28, 28) -> N answers: digit, confidence, status, the 10 probabilities, model and version.
+
+    `count=False` leaves mnist_predictions_total to the caller (for candidates not all of which are answered).
+    """
     card = model.card
     m = metrics()
     start = time.perf_counter()
-    probabilities = model.predict(pixels)
+    probabilities, scores = model.predict_with_scores(pixels)
     m.inference_seconds.labels(card.name).observe(time.perf_counter() - start)
     digits = probabilities.argmax(axis=1)
     out = []
-    for row, digit, image in zip(probabilities, digits, pixels, strict=True):
-        m.predictions.labels(card.name, card.labels[digit]).inc()
+    for row, digit, score, image in zip(probabilities, digits, scores, pixels, strict=True):
+        if count:
+            count_prediction(card, int(digit))
         answer = {
             "digit": int(digit),
             "confidence": float(row[digit]),
+            "status": answer_status(card, float(row[digit]), float(score)),
             "probabilities": row.tolist(),
             "model": card.name,
             "version": card.version,
@@ -86,3 +130,18 @@ def answers(model: Model, pixels: np.ndarray, return_image: bool) -> list[dict[s
             answer["image"] = base64.b64encode(to_png(image)).decode("ascii")
         out.append(answer)
     return out
+
+
+def answer_status(card: ModelCard, confidence: float, digit_score: float) -> str:
+    """The answer's status: "not_a_digit" when the model's digit score is below its threshold, "uncertain" when
+    the (calibrated) confidence is below the model's uncertain threshold, else "ok". Both thresholds come from
+    the ONNX file's metadata (chosen by training on validation data)."""
+    if digit_score < card.ood_threshold:
+        return "not_a_digit"
+    if confidence < card.uncertain_threshold:
+        return "uncertain"
+    return "ok"
+
+
+def count_prediction(card: ModelCard, digit: int) -> None:
+    metrics().predictions.labels(card.name, card.labels[digit]).inc()

@@ -13,6 +13,7 @@ from typing import Any
 
 # Seconds. Preprocessing a small PNG takes ~0.1-1 ms, a 4 k photo ~100 ms; inference ~0.1 ms per image.
 PREPROCESS_BUCKETS = (0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+READ_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 32, 64)
 INFERENCE_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25)
 
 
@@ -21,6 +22,7 @@ class Metrics:
     predictions: Any  # Counter: answers given, by model and predicted digit
     preprocess_seconds: Any  # Histogram: one image, bytes -> 28x28
     inference_seconds: Any  # Histogram: one ONNX Runtime call (a whole batch), by model
+    read_digits: Any  # Histogram: digits found on one /read image
 
 
 @functools.cache
@@ -40,5 +42,10 @@ def metrics() -> Metrics:
             "Time of one ONNX Runtime call (one or more images)",
             labelnames=("model",),
             buckets=INFERENCE_BUCKETS,
+        ),
+        read_digits=Histogram(
+            "mnist_read_digits",
+            "Digits found on one image sent to /read",
+            buckets=READ_BUCKETS,
         ),
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -55,6 +56,9 @@ THIN_STROKE = 0.06
 TARGET_STROKE = 0.09
 THICK_STROKE = 0.16
 THICK_TARGET = 0.11
+# /read: a glyph is read as touching digits only when their mean confidence beats the whole's by this much.
+CUT_MARGIN = 0.2
+WIDE_BONUS = 0.1
 # Pixels kept around the digit's mask: its anti-aliased edges, fainter than the mask's level.
 EDGE_PIXELS = 2
 
@@ -123,6 +127,10 @@ class Reading:
 
     box: tuple[int, int, int, int]  # x, y, width, height in the upload's pixels (after EXIF orientation)
     pixels: np.ndarray  # float32 (28, 28) in [0, 1], white ink on black, MNIST-normalised
+    # For a glyph wide enough to be digits that touch: ways to cut the same ink into them; the caller asks the
+    # model which reading is the most likely (see `choose`).
+    cuts: tuple[tuple[Reading, ...], ...] = ()
+    wide: bool = False  # wider than one digit usually is on its row: a cut is favoured
 
 
 @dataclass(frozen=True)
@@ -159,18 +167,56 @@ def to_mnist(image: Image.Image) -> np.ndarray:
 
 def read_digits(image: Image.Image, *, max_digits: int) -> list[list[Reading]]:
     """Every digit on the page, as rows top to bottom, each left to right; each digit goes through the same
-    MNIST recipe as `to_mnist`, and touching digits are split where their ink is thinnest.
+    MNIST recipe as `to_mnist`. A glyph wide enough to be digits that touch also carries its cut into them
+    (`Reading.parts`), to be chosen by the model.
 
     Raises ImageError(400) when there is no digit, ImageError(413) for more than `max_digits`.
     """
     page = _analyse(image)
     if page.passed is not None:
         return [[Reading((0, 0, MNIST_SIDE, MNIST_SIDE), page.passed)]]
-    rows = [segment.split_touching(row) for row in segment.reading_order(_digits(page))]
+    rows = segment.reading_order(_digits(page))
     count = sum(len(row) for row in rows)
     if count > max_digits:
         raise ImageError(413, f"found {count} digits; the limit is {max_digits} per image (MNIST_MAX_DIGITS)")
-    return [[Reading(_box(glyph, page.scale), _render(page, glyph)) for glyph in row] for row in rows]
+
+    def reading(glyph: segment.Glyph, row: list[segment.Glyph]) -> Reading:
+        cuts = segment.touching_cuts(glyph, row) if row else []
+        return Reading(
+            _box(glyph, page.scale),
+            _render(page, glyph),
+            tuple(tuple(reading(p, []) for p in cut) for cut in cuts),
+            wide=bool(row) and segment.too_wide(glyph, row),
+        )
+
+    return [[reading(glyph, row) for glyph in row] for row in rows]
+
+
+def candidates(rows: list[list[Reading]]) -> list[Reading]:
+    """What to run through the model for a `read_digits` result, in order: each reading, then its cuts' parts."""
+    return [c for row in rows for reading in row for c in (reading, *(p for cut in reading.cuts for p in cut))]
+
+
+def choose(rows: list[list[Reading]], confidence: Sequence[float]) -> list[list[int]]:
+    """Per row, the indices (into `candidates(rows)`) of the digits read, given the model's confidence in each
+    candidate: of a glyph read whole and its cuts into touching digits, the one whose least likely digit is the
+    most likely wins (a cut must beat the whole by CUT_MARGIN, or may trail it by WIDE_BONUS for a glyph too
+    wide to be one digit)."""
+    out, i = [], 0
+    for row in rows:
+        chosen = []
+        for reading in row:
+            best, best_score = [i], confidence[i] + (-WIDE_BONUS if reading.wide else CUT_MARGIN)
+            i += 1
+            for cut in reading.cuts:
+                parts = list(range(i, i + len(cut)))
+                score = min(confidence[k] for k in parts)
+                if score > best_score:
+                    best, best_score = parts, score
+                i += len(cut)
+            chosen += best
+        out.append(chosen)
+    return out
 
 
 def _analyse(image: Image.Image) -> _Page:

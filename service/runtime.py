@@ -1,8 +1,10 @@
 """ONNX Runtime sessions for the exported MNIST models, and the model cards read from their metadata.
 
 The ONNX file is the contract with training: it names its input, shape, pixel range, polarity and labels
-in `metadata_props`. A model whose metadata is missing or disagrees with what `service/preprocess.py`
-produces (28x28 pixels in [0, 1], white ink on black) is refused at start-up, never served wrongly.
+in `metadata_props`, and the score and thresholds behind each answer's `status` (chosen on validation data
+by training, never typed here). A model whose metadata is missing or disagrees with what
+`service/preprocess.py` produces (28x28 pixels in [0, 1], white ink on black) is refused at start-up, never
+served wrongly: a model without the status thresholds could only answer "ok" for a smiley.
 """
 
 from __future__ import annotations
@@ -29,7 +31,12 @@ REQUIRED_KEYS = (
     "input_polarity",
     "output_name",
     "labels",
+    "ood_score",
+    "ood_threshold",
+    "uncertain_threshold",
 )
+# The scores training knows how to threshold (training/calibrate.py: digit_score), and the graph output each reads.
+OOD_SCORES = {"max_probability": "probabilities", "logsumexp": "logits"}
 # What preprocess.py hands over; the model must expect exactly this.
 EXPECTED_SHAPE = [-1, 1, 28, 28]
 EXPECTED_RANGE = [0.0, 1.0]
@@ -71,6 +78,9 @@ class ModelCard:
     output_name: str
     labels: tuple[str, ...]
     provider: str  # the execution provider really in use, not the one asked for
+    ood_score: str  # how much an input looks like a digit: "max_probability" or "logsumexp" (of the logits)
+    ood_threshold: float  # status "not_a_digit" below it
+    uncertain_threshold: float  # status "uncertain" when the confidence is below it
     metadata: dict[str, Any] = field(default_factory=dict)  # every metadata key, JSON values decoded
 
     def as_dict(self) -> dict[str, Any]:
@@ -84,6 +94,9 @@ class ModelCard:
             "output_name": self.output_name,
             "labels": list(self.labels),
             "provider": self.provider,
+            "ood_score": self.ood_score,
+            "ood_threshold": self.ood_threshold,
+            "uncertain_threshold": self.uncertain_threshold,
             "metadata": self.metadata,
         }
 
@@ -97,9 +110,22 @@ class Model:
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """pixels: float32 (N, 28, 28) in [0, 1], white on black -> float32 (N, len(labels)), rows sum to 1."""
+        return self.predict_with_scores(pixels)[0]
+
+    def predict_with_scores(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Like `predict`, plus each input's digit score (N,) of the kind `card.ood_score` names: one run."""
         batch = np.ascontiguousarray(pixels, dtype=np.float32).reshape(-1, 1, 28, 28)  # a view, no copy
-        (probabilities,) = self.session.run([self.card.output_name], {self.card.input_name: batch})
-        return probabilities
+        score_output = OOD_SCORES[self.card.ood_score]
+        names = (
+            [self.card.output_name] if score_output == self.card.output_name else [self.card.output_name, score_output]
+        )
+        outputs = self.session.run(names, {self.card.input_name: batch})
+        probabilities = outputs[0]
+        if self.card.ood_score == "max_probability":
+            return probabilities, probabilities.max(axis=1)
+        logits = outputs[-1].astype(np.float64)
+        top = logits.max(axis=1)
+        return probabilities, (top + np.log(np.exp(logits - top[:, None]).sum(axis=1))).astype(np.float32)
 
 
 def create_session(path: Path, device: str, intra_op_threads: int) -> ort.InferenceSession:
@@ -161,6 +187,16 @@ def read_card(session: ort.InferenceSession, path: Path) -> ModelCard:
         problems.append(f"output_name {meta['output_name']!r} is not a graph output ({outputs})")
     if not isinstance(meta["labels"], list) or len(meta["labels"]) != 10:
         problems.append(f"labels must be a JSON list of 10 names, got {raw['labels']!r}")
+    if meta["ood_score"] not in OOD_SCORES:
+        problems.append(f"ood_score is {meta['ood_score']!r}, expected one of {', '.join(OOD_SCORES)}")
+    elif OOD_SCORES[meta["ood_score"]] not in outputs:
+        problems.append(f"ood_score {meta['ood_score']!r} needs the graph output {OOD_SCORES[meta['ood_score']]!r}")
+    thresholds = {key: _maybe(float, meta[key]) for key in ("ood_threshold", "uncertain_threshold")}
+    for key, value in thresholds.items():
+        if value is None or not np.isfinite(value):
+            problems.append(f"{key} must be a finite number, got {raw[key]!r}")
+    if thresholds["uncertain_threshold"] is not None and not 0.0 <= thresholds["uncertain_threshold"] <= 1.0:
+        problems.append(f"uncertain_threshold is {raw['uncertain_threshold']}, expected a probability in [0, 1]")
     if problems:
         raise ModelError(f"{path} cannot be served: {'; '.join(problems)}")
     return ModelCard(
@@ -173,6 +209,9 @@ def read_card(session: ort.InferenceSession, path: Path) -> ModelCard:
         output_name=meta["output_name"],
         labels=tuple(str(label) for label in meta["labels"]),
         provider=session.get_providers()[0],
+        ood_score=meta["ood_score"],
+        ood_threshold=float(thresholds["ood_threshold"]),
+        uncertain_threshold=float(thresholds["uncertain_threshold"]),
         metadata=meta,
     )
 

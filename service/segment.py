@@ -62,10 +62,15 @@ DIGIT_MIN_SIDE = 0.04
 DIGIT_HEIGHT = 0.5
 DIGIT_MASS = 0.1
 
-# A glyph wider than TOUCHING_WIDTH times its row's usual height (a round 0 can be 1.1) is digits that touch;
-# each is about DIGIT_WIDTH wide, and the cut between two is looked for within CUT_SEARCH of a digit's width
-# around the even split.
-TOUCHING_WIDTH = 1.15
+# A glyph wider than TOUCHING_WIDTH times its row's usual height may be digits that touch (or a round 0: the
+# model decides); each is about DIGIT_WIDTH wide, and the cut between two is looked for within CUT_SEARCH of a
+# digit's width around the even split.
+TOUCHING_WIDTH = 0.7
+# ... and one wider than TOUCHING_SURE times it is more likely touching digits than one (see preprocess.choose).
+TOUCHING_SURE = 1.15
+# Two touching digits are also tried cut at the PAIR_CUTS thinnest columns between PAIR_MARGIN and 1 - PAIR_MARGIN.
+PAIR_CUTS = 3
+PAIR_MARGIN = 0.15
 DIGIT_WIDTH = 0.7
 CUT_SEARCH = 0.3
 
@@ -262,30 +267,45 @@ def _lines_of_text(tops: np.ndarray, bottoms: np.ndarray) -> list[tuple[int, int
     return [(spans[k][0], spans[k][1]) for k in owner]
 
 
-def split_touching(row: list[Glyph]) -> list[Glyph]:
-    """A row's glyphs with those too wide for one digit split into as many digits as their width holds, each cut
-    at the column of least ink near where an even split would put it (two digits that touch share little ink
-    there). Widths are judged against the row's usual height: a flat 2 is short, not two digits."""
-    height = float(np.median([g.height for g in row]))
+def too_wide(glyph: Glyph, row: list[Glyph]) -> bool:
+    """Wider than one digit usually is on this row: more likely digits that touch than one digit."""
+    return glyph.width > TOUCHING_SURE * max(float(np.median([g.height for g in row])), glyph.height)
+
+
+def touching_cuts(glyph: Glyph, row: list[Glyph]) -> list[list[Glyph]]:
+    """Ways the glyph could be digits that touch ([] when it is too narrow to be two), each a list of parts.
+
+    As many digits as its width holds at DIGIT_WIDTH of the row's usual height, each cut at the column of least
+    ink near where an even split would put it; and for two, also the cuts at the next-thinnest columns anywhere in
+    its middle (a 1 touching a 6 is cut near its edge, not its middle). Whether any is right is the model's call.
+    """
+    height = max(float(np.median([g.height for g in row])), glyph.height)
+    if glyph.width <= TOUCHING_WIDTH * height:
+        return []
+    count = max(2, round(glyph.width / (DIGIT_WIDTH * height)))
+    column_ink = glyph.mask.sum(axis=0)
+    step = glyph.width / count
+    cuts = [0]
+    for k in range(1, count):
+        lo, hi = round(k * step - CUT_SEARCH * step), round(k * step + CUT_SEARCH * step)
+        lo, hi = max(lo, cuts[-1] + 1), min(hi, glyph.width - 1)
+        cuts.append(lo + int(np.argmin(column_ink[lo:hi])) if hi > lo else round(k * step))
+    alternatives = [[*cuts, glyph.width]]
+    lo, hi = round(PAIR_MARGIN * glyph.width), round((1 - PAIR_MARGIN) * glyph.width)
+    if hi - lo >= 3:
+        middle = column_ink[lo:hi].astype(np.float64)
+        # Local minima of the ink across the middle, thinnest first.
+        minima = [i for i in range(1, len(middle) - 1) if middle[i] <= middle[i - 1] and middle[i] <= middle[i + 1]]
+        for i in sorted(minima, key=lambda i: middle[i])[:PAIR_CUTS]:
+            if count > 2 or abs(lo + i - cuts[1]) > 2:
+                alternatives.append([0, lo + i, glyph.width])
     out = []
-    for glyph in row:
-        if glyph.width <= TOUCHING_WIDTH * max(height, glyph.height):
-            out.append(glyph)
-            continue
-        count = max(2, round(glyph.width / (DIGIT_WIDTH * max(height, glyph.height))))
-        column_ink = glyph.mask.sum(axis=0)
-        step = glyph.width / count
-        cuts = [0]
-        for k in range(1, count):
-            lo, hi = round(k * step - CUT_SEARCH * step), round(k * step + CUT_SEARCH * step)
-            lo, hi = max(lo, cuts[-1] + 1), min(hi, glyph.width - 1)
-            cuts.append(lo + int(np.argmin(column_ink[lo:hi])) if hi > lo else round(k * step))
-        cuts.append(glyph.width)
-        for a, b in itertools.pairwise(cuts):
-            part = _trimmed(glyph, a, b)
-            if part is not None:
-                out.append(part)
-    return sorted(out, key=lambda g: g.left)
+    for alternative in alternatives:
+        parts = [_trimmed(glyph, a, b) for a, b in itertools.pairwise(alternative)]
+        parts = [part for part in parts if part is not None]
+        if len(parts) >= 2:
+            out.append(parts)
+    return out
 
 
 def reading_order(found: list[Glyph]) -> list[list[Glyph]]:

@@ -34,6 +34,25 @@ class Settings:
     # MNIST_MAX_PIXELS: decoded size limit (width x height); far below Pillow's own bomb guard of ~89 M.
     max_pixels: int = 4096 * 4096
     max_batch: int = 256  # MNIST_MAX_BATCH: images per /predict_batch request
+    max_digits: int = 32  # MNIST_MAX_DIGITS: digits /read reads on one image
+    # MNIST_MAX_REQUEST_PIXELS: decoded pixels of all of one request's images together, read from their
+    # headers before anything is decoded; bounds the work one request can ask for (4 images of 4096x4096).
+    max_request_pixels: int = 4 * 4096 * 4096
+    # MNIST_MAX_INFLIGHT_PIXELS: decoded pixels one worker holds in flight (being decoded, or queued for a
+    # thread); requests beyond it wait up to QUEUE_WAIT_S, then get 503 with Retry-After. Bounds memory.
+    max_inflight_pixels: int = 4 * 4096 * 4096
+    # MNIST_REQUEST_TIMEOUT_S: BentoML's per-request timeout (answered 504: the server was too slow).
+    request_timeout_s: float = 10.0
+    # MNIST_BODY_TIMEOUT_S: time to receive a request's whole body; a slower client, or a Content-Length
+    # larger than the body sent, gets 408. Below the request timeout, so the client's slowness is never a 504.
+    body_timeout_s: float = 5.0
+    # MNIST_HEADER_TIMEOUT_S: time to receive a request's headers, from the connection's start or the end
+    # of its previous answer (slowloris); the connection is then closed (408 if part of a request came).
+    header_timeout_s: float = 5.0
+    # MNIST_KEEPALIVE_TIMEOUT_S: an idle keep-alive connection is closed after this.
+    keepalive_timeout_s: float = 5.0
+    # MNIST_CORS_ORIGINS: comma list of origins allowed to call the API from a browser; empty: no CORS.
+    cors_origins: tuple[str, ...] = ()
 
     @property
     def default_model(self) -> str:
@@ -71,7 +90,33 @@ class Settings:
             max_bytes=_positive_int(env, "MNIST_MAX_BYTES", defaults.max_bytes),
             max_pixels=_positive_int(env, "MNIST_MAX_PIXELS", defaults.max_pixels),
             max_batch=_positive_int(env, "MNIST_MAX_BATCH", defaults.max_batch),
-        )
+            max_digits=_positive_int(env, "MNIST_MAX_DIGITS", defaults.max_digits),
+            max_request_pixels=_positive_int(env, "MNIST_MAX_REQUEST_PIXELS", defaults.max_request_pixels),
+            max_inflight_pixels=_positive_int(env, "MNIST_MAX_INFLIGHT_PIXELS", defaults.max_inflight_pixels),
+            request_timeout_s=_positive_float(env, "MNIST_REQUEST_TIMEOUT_S", defaults.request_timeout_s),
+            body_timeout_s=_positive_float(env, "MNIST_BODY_TIMEOUT_S", defaults.body_timeout_s),
+            header_timeout_s=_positive_float(env, "MNIST_HEADER_TIMEOUT_S", defaults.header_timeout_s),
+            keepalive_timeout_s=_positive_float(env, "MNIST_KEEPALIVE_TIMEOUT_S", defaults.keepalive_timeout_s),
+            cors_origins=tuple(o.strip() for o in env.get("MNIST_CORS_ORIGINS", "").split(",") if o.strip()),
+        )._checked()
+
+    def _checked(self) -> Settings:
+        """Limits that must nest: each one smaller than the one that contains it."""
+        if self.body_timeout_s >= self.request_timeout_s:
+            raise ValueError(
+                f"MNIST_BODY_TIMEOUT_S={self.body_timeout_s:g} must be below MNIST_REQUEST_TIMEOUT_S="
+                f"{self.request_timeout_s:g}, or a slow client would get 504 instead of 408"
+            )
+        if self.max_pixels > self.max_request_pixels:
+            raise ValueError(
+                f"MNIST_MAX_PIXELS={self.max_pixels} must be at most MNIST_MAX_REQUEST_PIXELS={self.max_request_pixels}"
+            )
+        if self.max_request_pixels > self.max_inflight_pixels:
+            raise ValueError(
+                f"MNIST_MAX_REQUEST_PIXELS={self.max_request_pixels} must be at most MNIST_MAX_INFLIGHT_PIXELS="
+                f"{self.max_inflight_pixels}, or such a request could never be served"
+            )
+        return self
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
@@ -84,4 +129,17 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
         raise ValueError(f"{name}={raw!r} is not an integer") from None
     if value < 1:
         raise ValueError(f"{name}={value} must be at least 1")
+    return value
+
+
+def _positive_float(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not value > 0 or value == float("inf"):
+        raise ValueError(f"{name}={value:g} must be a positive number of seconds")
     return value

@@ -4,10 +4,17 @@ BentoML's own request parsing is bypassed for our endpoints (see `RawRequest`) b
 it answers some client mistakes with 500 (a malformed multipart body, a text field where a file is
 expected, which it even tries to download as a URL) and wraps 4xx messages in a list. Reading the body
 here keeps every client mistake a 4xx `{"error": ...}` and lets the byte limit act before the body is read.
+
+Clients that are slow or gone are their own kind of mistake: a body that does not arrive within its time
+gets 408 (not BentoML's 504, which says the server was slow), and a client that hangs up mid-body is
+answered with 499, nginx's "client closed request": nobody receives it, but the access log and
+bentoml_service_request_total count it as the client's doing instead of a 500.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -16,7 +23,7 @@ from typing import Any, ClassVar
 from bentoml import IODescriptor
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 
 # Text fields are model names and flags: anything longer is a mistake, not a reason to buffer megabytes.
 MAX_FIELD_BYTES = 1024
@@ -25,11 +32,26 @@ IMAGE_TYPES = ("image/", "application/octet-stream")
 
 
 class RequestError(ValueError):
-    """The request itself is wrong (size, encoding, fields); str(e) names the problem."""
+    """The request itself is wrong (size, encoding, fields); str(e) names the problem.
 
-    def __init__(self, status: int, message: str) -> None:
+    `headers` go into the answer (Retry-After, Connection: close).
+    """
+
+    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(message)
         self.status = status
+        self.headers = headers
+
+
+class ClientGone(RequestError):
+    """The client hung up (mid-body, or while its images were being worked on): 499, answered to no one."""
+
+    def __init__(self, message: str = "the client closed the connection before the answer") -> None:
+        super().__init__(CLIENT_CLOSED_REQUEST, message)
+
+
+# nginx's status for a request whose client went away; it never reaches the wire.
+CLIENT_CLOSED_REQUEST = 499
 
 
 class RawRequest(IODescriptor):
@@ -68,15 +90,31 @@ class Upload:
 
 
 async def read_images(
-    request: Request, *, field: str, max_files: int, max_bytes: int, too_many: str, allow_raw: bool = True
+    request: Request,
+    *,
+    field: str,
+    max_files: int,
+    max_bytes: int,
+    too_many: str,
+    allow_raw: bool = True,
+    timeout_s: float | None = None,
 ) -> Upload:
     """The images sent in file field `field` (multipart), or the raw body sent as Content-Type image/*.
 
-    `too_many` is the message for more than `max_files` files.
+    `too_many` is the message for more than `max_files` files; `timeout_s` bounds the time to receive the
+    body (None: no bound).
 
     Raises RequestError: 413 for more than `max_bytes` or `max_files`, 415 for other content types,
-    400 for a malformed body, a missing field or a text field in place of a file.
+    400 for a malformed body, a missing field or a text field in place of a file, 408 for a body slower
+    than `timeout_s`; ClientGone (499) when the client hangs up.
     """
+    async with _receiving(timeout_s):
+        return await _read_images(request, field, max_files, max_bytes, too_many, allow_raw)
+
+
+async def _read_images(
+    request: Request, field: str, max_files: int, max_bytes: int, too_many: str, allow_raw: bool
+) -> Upload:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if allow_raw and content_type.startswith(IMAGE_TYPES):
         body = await read_body(request, max_bytes)
@@ -121,13 +159,16 @@ async def read_images(
         await form.close()
 
 
-async def read_json(request: Request, *, max_bytes: int) -> dict[str, Any]:
-    """The body as a JSON object; RequestError 400 for anything else."""
-    body = await read_body(request, max_bytes)
+async def read_json(request: Request, *, max_bytes: int, timeout_s: float | None = None) -> dict[str, Any]:
+    """The body as a JSON object; RequestError 400 for anything else (408, 499 as for read_images)."""
+    async with _receiving(timeout_s):
+        body = await read_body(request, max_bytes)
     try:
         data = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"invalid JSON body: {exc}") from exc
+    except RecursionError:  # the C parser's guard against deep nesting ([[[[...]]]]): not a server fault
+        raise RequestError(400, "invalid JSON body: nested too deeply") from None
     if not isinstance(data, dict):
         raise RequestError(400, f"the JSON body must be an object, got {type(data).__name__}")
     return data
@@ -141,6 +182,23 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     if not body:
         raise RequestError(400, "empty request body")
     return body
+
+
+@contextlib.asynccontextmanager
+async def _receiving(timeout_s: float | None) -> AsyncIterator[None]:
+    """Turn a slow body into 408 and a hang-up into ClientGone, while the body is being received."""
+    try:
+        async with asyncio.timeout(timeout_s):
+            yield
+    except TimeoutError:
+        raise RequestError(
+            408,
+            f"request body not received within {timeout_s:g} s (MNIST_BODY_TIMEOUT_S): the upload is too "
+            "slow, or Content-Length promises more bytes than were sent",
+            headers={"Connection": "close"},  # the rest of the body may still be on its way: don't parse it
+        ) from None
+    except ClientDisconnect:
+        raise ClientGone("the client closed the connection while sending the body") from None
 
 
 def _check_length(request: Request, max_bytes: int) -> None:

@@ -46,8 +46,11 @@ def test_evaluating_an_onnx_file_needs_no_torch() -> None:
     # Importing torch is made to fail: the ONNX path must still measure the shipped model.
     code = (
         "import sys; sys.modules['torch'] = None; from training.__main__ import main; "
-        "sys.exit(main(['evaluate', 'exported/mnist-cnn-tiny.onnx']))"
+        "sys.exit(main(['evaluate', 'exported/mnist-cnn-tiny.onnx', '--ood']))"
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
     assert "test accuracy" in result.stdout and "digit 9:" in result.stdout
+    # Calibration and "not a digit" are measured from the file alone too.
+    assert "expected calibration error (15 bins)" in result.stdout and "AUROC" in result.stdout
+    assert "MNIST test digits wrongly flagged" in result.stdout

@@ -11,8 +11,9 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from training.data import load_arrays, load_mnist
-from training.evaluate import evaluate_onnx, load_checkpoint
+from training.calibrate import ece, softmax
+from training.data import load_arrays, load_mnist, normalise
+from training.evaluate import evaluate_onnx, load_checkpoint, onnx_outputs
 from training.export import REQUIRED_METADATA, ExportError, export, file_sha256, verify
 from training.models import build
 from training.train import default_recipe, train
@@ -63,6 +64,31 @@ def test_metadata_is_complete_and_true(exported) -> None:
     assert int(meta["parameters"]) == report.parameters
     assert meta["run_id"] == run.metrics["run_id"] and json.loads(meta["recipe"])["model"] == "cnn-tiny"
     assert float(meta["test_accuracy"]) == pytest.approx(report.onnx_test_accuracy, abs=5e-5)
+    calibration = torch.load(run.checkpoint, weights_only=True)["calibration"]
+    assert float(meta["temperature"]) == pytest.approx(calibration["temperature"], rel=1e-5)
+    assert meta["ood_score"] == calibration["ood_score"] == "max_probability"
+    assert float(meta["ood_threshold"]) == pytest.approx(calibration["ood_threshold"], rel=1e-5)
+    assert float(meta["uncertain_threshold"]) == 0.9
+
+
+def test_temperature_is_in_the_graph_and_the_metadata_measures_it(exported) -> None:
+    run, report, _ = exported
+    meta = metadata(report.path)
+    temperature = float(meta["temperature"])
+    model, _ = load_checkpoint(run.checkpoint)
+    arrays = load_arrays()
+    images, labels = arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
+    session = ort.InferenceSession(str(report.path), providers=["CPUExecutionProvider"])
+    probabilities, logits = onnx_outputs(session, images)
+    with torch.no_grad():
+        raw = model(normalise(torch.from_numpy(images.copy()))).numpy()
+    # The graph's logits are the model's divided by the temperature; its probabilities are their softmax.
+    np.testing.assert_allclose(logits, raw / temperature, rtol=1e-4, atol=1e-4)
+    # The metadata's ECE is the one these outputs have, before and after the temperature.
+    assert float(meta["test_ece"]) == pytest.approx(ece(probabilities, labels), abs=1e-4)
+    assert float(meta["test_ece_uncalibrated"]) == pytest.approx(ece(softmax(raw), labels), abs=1e-4)
+    held_out = json.loads(meta["ood_held_out"])
+    assert held_out["digits"] == 10000 and held_out["non_digits"] == 4500 and 0 <= held_out["auroc"] <= 1
 
 
 def test_verification_figures(exported) -> None:
@@ -77,11 +103,14 @@ def test_verification_rejects_a_graph_that_does_not_match_the_model(exported) ->
     run, report, _ = exported
     arrays = load_arrays()
     images, labels = arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
-    model, _ = load_checkpoint(run.checkpoint)
-    verify(report.path, model, images, labels)  # the real pair passes
+    model, checkpoint = load_checkpoint(run.checkpoint)
+    temperature = checkpoint["calibration"]["temperature"]
+    verify(report.path, model, images, labels, temperature)  # the real pair passes
+    with pytest.raises(ExportError, match="differs from torch"):  # the graph holds the temperature
+        verify(report.path, model, images, labels, temperature * 2)
     torch.manual_seed(1)
     with pytest.raises(ExportError, match="differs from torch"):
-        verify(report.path, build("cnn-tiny").eval(), images, labels)
+        verify(report.path, build("cnn-tiny").eval(), images, labels, temperature)
 
 
 def test_onnx_only_evaluation_matches(exported) -> None:
@@ -97,3 +126,7 @@ def test_models_json_lists_the_file(exported) -> None:
     assert entry["test_accuracy"] == pytest.approx(report.onnx_test_accuracy, abs=5e-5)
     assert entry["opset"] == 18 and entry["parameters"] == report.parameters
     assert entry["run_id"] == run.metrics["run_id"] and "python -m training export" in entry["export_command"]
+    meta = metadata(report.path)
+    for key in ("temperature", "test_ece", "test_ece_uncalibrated", "ood_threshold", "uncertain_threshold"):
+        assert entry[key] == pytest.approx(float(meta[key])), key
+    assert entry["ood_score"] == meta["ood_score"] and entry["ood_held_out"] == json.loads(meta["ood_held_out"])

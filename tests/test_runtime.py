@@ -79,6 +79,9 @@ def test_refuses_a_model_without_required_metadata(cnn_path: Path, tmp_path: Pat
         ("input_shape", "[-1, 784]", "input_shape is [-1, 784]"),
         ("output_name", "scores", "output_name 'scores' is not a graph output"),
         ("labels", '["a", "b"]', "labels must be a JSON list of 10 names"),
+        ("ood_score", "entropy", "ood_score is 'entropy', expected one of max_probability, logsumexp"),
+        ("ood_threshold", "high", "ood_threshold must be a finite number, got 'high'"),
+        ("uncertain_threshold", "1.5", "uncertain_threshold is 1.5, expected a probability in [0, 1]"),
     ],
 )
 def test_refuses_metadata_that_disagrees_with_preprocessing(
@@ -122,3 +125,33 @@ def test_registry_refuses_to_start_without_a_listed_model(tmp_path: Path, cnn_pa
     settings = Settings(models=("mnist-cnn", "mnist-mlp"), exported_dir=tmp_path, device="cpu")
     with pytest.raises(ModelError, match=r"mnist-mlp\.onnx"):
         Registry.load(settings)
+
+
+def test_refuses_a_model_without_the_status_thresholds(cnn_path: Path, tmp_path: Path) -> None:
+    # Without them every answer's status would be a guess: the service says so at start-up instead.
+    old = edited_copy(cnn_path, tmp_path / "old.onnx", drop=("ood_score", "ood_threshold", "uncertain_threshold"))
+    with pytest.raises(ModelError, match="lacks required metadata: ood_score, ood_threshold, uncertain_threshold"):
+        load_model(old, "cpu")
+
+
+def test_card_carries_the_status_thresholds_from_the_metadata(cnn_path: Path) -> None:
+    card = load_model(cnn_path, "cpu").card
+    raw = {p.key: p.value for p in onnx.load(str(cnn_path), load_external_data=False).metadata_props}
+    assert card.ood_score == raw["ood_score"]
+    assert card.ood_threshold == float(raw["ood_threshold"])
+    assert card.uncertain_threshold == float(raw["uncertain_threshold"])
+    assert card.as_dict()["ood_threshold"] == card.ood_threshold
+
+
+@pytest.mark.parametrize("score", ["max_probability", "logsumexp"])
+def test_digit_scores_are_the_named_score_of_the_graph_outputs(
+    cnn_path: Path, tmp_path: Path, mnist_digits: list, score: str
+) -> None:
+    path = edited_copy(cnn_path, tmp_path / f"{score}.onnx", set_={"ood_score": score})
+    model = load_model(path, "cpu")
+    pixels = np.stack([d.pixels for d in mnist_digits[:20]])
+    probabilities, scores = model.predict_with_scores(pixels)
+    np.testing.assert_array_equal(probabilities, model.predict(pixels))
+    (logits,) = model.session.run(["logits"], {"image": pixels[:, np.newaxis]})
+    expected = probabilities.max(1) if score == "max_probability" else np.log(np.exp(logits.astype(np.float64)).sum(1))
+    np.testing.assert_allclose(scores, expected, rtol=1e-5)

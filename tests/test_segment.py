@@ -115,11 +115,19 @@ def test_touching_digits_are_split_where_the_ink_is_thinnest(digits: np.ndarray)
     a, b = (np.asarray(Image.fromarray(d).resize((100, 100))) / 255 for d in digits[:2])
     page = np.zeros((120, 200), np.float32)
     page[10:110, 10:110] = a
-    page[10:110, 85:185] = np.maximum(page[10:110, 85:185], b)  # overlapping boxes: the ink touches
+    page[10:110, 85:185] = np.maximum(page[10:110, 85:185], b)  # overlapping boxes
+    page[60:64, 60:110] = 1.0  # and a stroke that joins them: the ink touches
     rows = segment.reading_order(segment.glyphs(page, page > 0.3))
-    assert len(rows) == 1
-    parts = segment.split_touching(rows[0])
-    assert len(parts) == 2 and parts[0].right <= parts[1].left + 2
+    assert len(rows) == 1 and len(rows[0]) == 1
+    (glyph,) = rows[0]
+    assert segment.too_wide(glyph, rows[0])
+    cuts = segment.touching_cuts(glyph, rows[0])
+    assert cuts and all(len(parts) == 2 and parts[0].right <= parts[1].left + 2 for parts in cuts)
+    # The first cut is the even split's thinnest column: within the overlap of the two boxes (75..110).
+    assert 70 <= cuts[0][0].right <= 115, cuts[0][0].right
+    # A single digit is not too wide, and has no cut to try.
+    single = segment.glyphs(page[:, :80], page[:, :80] > 0.3)
+    assert not segment.touching_cuts(single[0], single)
 
 
 def test_reading_order_puts_rows_top_to_bottom(digits: np.ndarray) -> None:

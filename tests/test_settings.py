@@ -15,6 +15,9 @@ def test_defaults() -> None:
     assert settings.device == "auto"
     assert settings.workers == available_cores()
     assert settings.max_bytes == 10 * 1024 * 1024 and settings.max_batch == 256
+    assert settings.max_pixels <= settings.max_request_pixels <= settings.max_inflight_pixels
+    assert settings.body_timeout_s < settings.request_timeout_s
+    assert settings.cors_origins == ()  # CORS is off unless origins are named
     assert settings.model_path("mnist-cnn").parts[-2:] == ("exported", "mnist-cnn.onnx")
 
 
@@ -28,6 +31,13 @@ def test_values_from_the_environment() -> None:
         "MNIST_MAX_PIXELS": "2000",
         "MNIST_MAX_BATCH": "8",
         "MNIST_EXPORTED_DIR": "/models",
+        "MNIST_MAX_REQUEST_PIXELS": "3000",
+        "MNIST_MAX_INFLIGHT_PIXELS": "6000",
+        "MNIST_REQUEST_TIMEOUT_S": "20",
+        "MNIST_BODY_TIMEOUT_S": "2.5",
+        "MNIST_HEADER_TIMEOUT_S": "1",
+        "MNIST_KEEPALIVE_TIMEOUT_S": "30",
+        "MNIST_CORS_ORIGINS": " https://a.example, ,https://b.example",
     }
     settings = Settings.from_env(env)
     assert settings.models == ("mnist-mlp", "mnist-cnn") and settings.default_model == "mnist-mlp"
@@ -35,6 +45,10 @@ def test_values_from_the_environment() -> None:
     assert (settings.max_bytes, settings.max_pixels, settings.max_batch) == (1000, 2000, 8)
     assert settings.model_path("x") == Path("/models/x.onnx")
     assert settings.intra_op_threads == 1  # 12 concurrent requests on this machine: one thread each
+    assert (settings.max_request_pixels, settings.max_inflight_pixels) == (3000, 6000)
+    assert (settings.request_timeout_s, settings.body_timeout_s) == (20.0, 2.5)
+    assert (settings.header_timeout_s, settings.keepalive_timeout_s) == (1.0, 30.0)
+    assert settings.cors_origins == ("https://a.example", "https://b.example")
 
 
 @pytest.mark.parametrize(
@@ -44,6 +58,15 @@ def test_values_from_the_environment() -> None:
         ({"MNIST_WORKERS": "two"}, "MNIST_WORKERS='two' is not an integer"),
         ({"MNIST_MAX_BATCH": "0"}, "MNIST_MAX_BATCH=0 must be at least 1"),
         ({"MNIST_MODELS": " , "}, "MNIST_MODELS is empty"),
+        ({"MNIST_BODY_TIMEOUT_S": "soon"}, "MNIST_BODY_TIMEOUT_S='soon' is not a number"),
+        ({"MNIST_HEADER_TIMEOUT_S": "0"}, "MNIST_HEADER_TIMEOUT_S=0 must be a positive number of seconds"),
+        ({"MNIST_KEEPALIVE_TIMEOUT_S": "nan"}, "MNIST_KEEPALIVE_TIMEOUT_S=nan must be a positive number"),
+        ({"MNIST_BODY_TIMEOUT_S": "10"}, "MNIST_BODY_TIMEOUT_S=10 must be below MNIST_REQUEST_TIMEOUT_S=10"),
+        (
+            {"MNIST_MAX_PIXELS": "5000", "MNIST_MAX_REQUEST_PIXELS": "4000"},
+            "MNIST_MAX_PIXELS=5000 must be at most MNIST_MAX_REQUEST_PIXELS=4000",
+        ),
+        ({"MNIST_MAX_INFLIGHT_PIXELS": "1000"}, "must be at most MNIST_MAX_INFLIGHT_PIXELS=1000"),
     ],
 )
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:

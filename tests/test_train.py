@@ -43,12 +43,21 @@ def test_run_directory_holds_every_artefact(short_run) -> None:
         "data_sha256",
         "recipe",
         "best_epoch",
+        "calibration",
+        "test_ece",
+        "test_ece_uncalibrated",
+        "train_cpu_seconds",
     ):
         assert key in metrics, key
     assert {"train_loss", "val_loss", "val_accuracy", "seconds"} <= set(metrics["history"][0])
     assert len(metrics["per_class_accuracy"]) == 10
     assert sum(map(sum, metrics["confusion_matrix"])) == 10000
     assert metrics["device"] == "cpu"
+    calibration = metrics["calibration"]
+    assert calibration["temperature"] > 0 and calibration["ood_score"] == "max_probability"
+    # Both scores were compared on validation digits against validation non-digits; each flags 0.5% of digits.
+    for report in calibration["validation_separation"].values():
+        assert report["digits_flagged"] == pytest.approx(0.005, abs=0.001) and 0 <= report["auroc"] <= 1
 
 
 def test_checkpoint_loads_safely_and_reproduces_outputs(short_run) -> None:

@@ -185,9 +185,12 @@ ONE = [(0.52, 0.18), (0.48, 0.82)]
 SEVEN = [[(0.25, 0.22), (0.75, 0.22)], [(0.75, 0.22), (0.45, 0.84)]]  # two strokes: bar, then stem
 
 
-def _expect_prediction(page: Page, digit: int) -> None:
+def _expect_prediction(page: Page, digit: int, sure: bool = False) -> None:
+    """The page shows `digit` with its status in words: "This is a 7." (or, unless `sure`, "Not sure: maybe a 7.")."""
     expect(page.locator("#result")).to_be_visible(timeout=PREDICT_TIMEOUT_MS)
     expect(page.locator("#digit")).to_have_text(str(digit))
+    words = rf"This is a {digit}\." if sure else rf"(This is a {digit}\.|Not sure: maybe a {digit}\.)"
+    expect(page.locator("#verdict")).to_have_text(re.compile(f"^{words}$"))
     expect(page.locator("#error")).to_be_hidden()
     expect(page.locator("#bars li")).to_have_count(10)
     expect(page.locator("#bars li.top")).to_have_attribute("data-digit", str(digit))
@@ -234,6 +237,60 @@ def test_two_stroke_seven_is_predicted_once_after_the_last_stroke(open_page: Cal
     _screenshot(page, "desktop")
 
 
+HASH = [  # "#": four strokes, no digit
+    [(0.38, 0.15), (0.32, 0.85)],
+    [(0.66, 0.15), (0.60, 0.85)],
+    [(0.15, 0.38), (0.85, 0.38)],
+    [(0.15, 0.62), (0.85, 0.62)],
+]
+
+
+def test_drawn_non_digit_is_said_to_be_no_digit(open_page: Callable[..., Page]) -> None:
+    page = open_page()
+    with page.expect_response(lambda r: r.url.endswith("/predict")) as answer:
+        for stroke in HASH:
+            _mouse_stroke(page, stroke)
+    assert answer.value.json()["status"] == "not_a_digit"
+    expect(page.locator("#result")).to_be_visible(timeout=PREDICT_TIMEOUT_MS)
+    expect(page.locator("#verdict")).to_have_text("This does not look like a digit.")
+    expect(page.locator("#digit")).to_have_text("?")
+    expect(page.locator("#bars li")).to_have_count(10)  # the probabilities are still shown
+    _screenshot(page, "not-a-digit")
+
+
+NUMBER_17 = [  # a 1 on the left, a two-stroke 7 on the right
+    [(0.24, 0.3), (0.22, 0.7)],
+    [(0.52, 0.3), (0.8, 0.3)],
+    [(0.8, 0.3), (0.62, 0.72)],
+]
+
+
+def test_a_drawn_number_is_read_with_boxes(open_page: Callable[..., Page]) -> None:
+    # /predict answers a number with 422 pointing to /read; Chromium logs every 4xx answer to the console.
+    page = open_page(allow=("status of 422",))
+    with page.expect_response(lambda r: r.url.endswith("/read")) as answer:
+        for stroke in NUMBER_17:
+            _mouse_stroke(page, stroke)
+    body = answer.value.json()
+    assert answer.value.status == 200 and body["text"] == "17", body.get("text")
+    expect(page.locator("#result")).to_be_visible(timeout=PREDICT_TIMEOUT_MS)
+    expect(page.locator("#digit")).to_have_text("17")
+    expect(page.locator("#verdict")).to_have_text(re.compile(r"^This reads as 17"))
+    expect(page.locator("#number-digits li")).to_have_count(2)
+    expect(page.locator("#number-digits li").first).to_have_text(re.compile(r"^1 · \d+(\.\d)?%$"))
+    expect(page.locator("#bars")).to_be_hidden()
+    # One box per digit, over the drawing: the 1's box lies in the left half, the 7's in the right.
+    expect(page.locator("#boxes .box")).to_have_count(2)
+    lefts = page.locator("#boxes .box").evaluate_all("els => els.map(e => parseFloat(e.style.left))")
+    assert lefts[0] < 40 < lefts[1], lefts
+    _screenshot(page, "number")
+    # A single digit afterwards shows the probabilities again and no boxes.
+    page.locator("#clear").click()
+    _mouse_stroke(page, ONE)
+    _expect_prediction(page, 1)
+    expect(page.locator("#boxes .box")).to_have_count(0)
+
+
 def test_clear_resets_canvas_and_result(open_page: Callable[..., Page]) -> None:
     page = open_page()
     _mouse_stroke(page, ONE)
@@ -268,7 +325,7 @@ def test_black_on_white_drawing_is_read_too(open_page: Callable[..., Page]) -> N
 def test_picked_mnist_file_shows_its_label(open_page: Callable[..., Page], mnist_digits: list[Digit]) -> None:
     page = open_page()
     page.locator("#file").set_input_files(_file(_first(mnist_digits, 7)))
-    _expect_prediction(page, 7)
+    _expect_prediction(page, 7, sure=True)
 
 
 def test_dropped_mnist_file_shows_its_label(open_page: Callable[..., Page], mnist_digits: list[Digit]) -> None:
@@ -286,7 +343,7 @@ def test_dropped_mnist_file_shows_its_label(open_page: Callable[..., Page], mnis
         }""",
         {"b64": base64.b64encode(two.png).decode(), "name": two.name},
     )
-    _expect_prediction(page, 2)
+    _expect_prediction(page, 2, sure=True)
 
 
 def test_api_error_is_shown_in_words(open_page: Callable[..., Page], api_url: str, mnist_digits: list[Digit]) -> None:

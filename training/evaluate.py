@@ -29,10 +29,8 @@ def summarise(predictions: np.ndarray, labels: np.ndarray) -> dict:
     }
 
 
-def evaluate_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, device: torch.device) -> dict:
-    """Evaluate ``model`` (eval mode, no grad) on uint8 images [N, 28, 28]; adds the mean cross-entropy loss."""
+def _logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device) -> torch.Tensor:
     import torch
-    import torch.nn.functional as F
 
     from training.data import normalise
 
@@ -43,12 +41,37 @@ def evaluate_model(model: torch.nn.Module, images: torch.Tensor, labels: torch.T
         for start in range(0, len(images), EVAL_BATCH):
             batch = normalise(images[start : start + EVAL_BATCH].to(device))
             logits.append(model(batch).float())
-    all_logits = torch.cat(logits)
+    model.train(was_training)
+    return torch.cat(logits)
+
+
+def model_logits(model: torch.nn.Module, images: torch.Tensor, device: torch.device) -> np.ndarray:
+    """The model's logits [N, 10] (float32 NumPy) for uint8 images [N, 28, 28], in eval mode."""
+    return _logits(model, images, device).cpu().numpy()
+
+
+def evaluate_model(
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    temperature: float | None = None,
+) -> dict:
+    """Evaluate ``model`` (eval mode, no grad) on uint8 images [N, 28, 28]; adds the mean cross-entropy loss,
+    and with a ``temperature`` the expected calibration error before (``ece_uncalibrated``) and after it."""
+    import torch.nn.functional as F
+
+    from training.calibrate import ece, softmax
+
+    all_logits = _logits(model, images, device)
     labels = labels.to(device)
     loss = F.cross_entropy(all_logits, labels).item()
-    model.train(was_training)
     result = summarise(all_logits.argmax(1).cpu().numpy(), labels.cpu().numpy())
     result["loss"] = loss
+    if temperature is not None:
+        logits, y = all_logits.cpu().numpy(), labels.cpu().numpy()
+        result["ece_uncalibrated"] = ece(softmax(logits), y)
+        result["ece"] = ece(softmax(logits / temperature), y)
     return result
 
 
@@ -74,24 +97,58 @@ def evaluate_checkpoint(path: Path, data_dir: Path | None = None) -> dict:
     return evaluate_model(model, data.test_images, data.test_labels, torch.device("cpu"))
 
 
-def onnx_probabilities(session: object, images: np.ndarray, batch: int = EVAL_BATCH) -> np.ndarray:
-    """Run an ONNX Runtime session on uint8 images [N, 28, 28]; returns probabilities [N, 10]."""
+def onnx_outputs(session: object, images: np.ndarray, batch: int = EVAL_BATCH) -> tuple[np.ndarray, np.ndarray]:
+    """Run an ONNX Runtime session on uint8 images [N, 28, 28]; returns (probabilities, logits), each [N, 10]."""
     input_name = session.get_inputs()[0].name
-    out = []
+    probabilities, logits = [], []
     for start in range(0, len(images), batch):
         x = images[start : start + batch, None].astype(np.float32) / 255.0
-        out.append(session.run(["probabilities"], {input_name: x})[0])
-    return np.concatenate(out)
+        p, z = session.run(["probabilities", "logits"], {input_name: x})
+        probabilities.append(p)
+        logits.append(z)
+    return np.concatenate(probabilities), np.concatenate(logits)
 
 
-def evaluate_onnx(path: Path, data_dir: Path | None = None) -> dict:
-    """Test accuracy of an ONNX file with ONNX Runtime alone (CPU provider: the reference result)."""
+def onnx_probabilities(session: object, images: np.ndarray, batch: int = EVAL_BATCH) -> np.ndarray:
+    """Run an ONNX Runtime session on uint8 images [N, 28, 28]; returns probabilities [N, 10]."""
+    return onnx_outputs(session, images, batch)[0]
+
+
+def evaluate_onnx(path: Path, data_dir: Path | None = None, ood: bool = False) -> dict:
+    """Test accuracy of an ONNX file with ONNX Runtime alone (CPU provider: the reference result).
+
+    A file with a ``temperature`` in its metadata also gets ``ece`` and ``ece_uncalibrated`` (15 bins) and the
+    ``reliability`` bins of both; ``ood=True`` adds ``ood``: AUROC of the 10,000 test digits against the held-out
+    non-digit set (training/outliers.py) and the shares flagged at the file's own ``ood_threshold``.
+    """
     import onnxruntime as ort
 
+    from training.calibrate import digit_score, ood_report, reliability, softmax
     from training.data import load_arrays
 
     arrays = load_arrays(data_dir)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    probabilities = onnx_probabilities(session, arrays["t10k-images-idx3-ubyte"])
+    meta = dict(session.get_modelmeta().custom_metadata_map)
+    probabilities, logits = onnx_outputs(session, arrays["t10k-images-idx3-ubyte"])
     labels = arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
-    return summarise(probabilities.argmax(1), labels)
+    result = summarise(probabilities.argmax(1), labels)
+    if "temperature" in meta:
+        before = reliability(softmax(logits * float(meta["temperature"])), labels)
+        after = reliability(probabilities, labels)
+        result.update(ece=after["ece"], ece_uncalibrated=before["ece"], reliability={"before": before, "after": after})
+    if ood:
+        if "ood_score" not in meta:
+            raise ValueError(f"{path} has no ood_score/ood_threshold metadata: export it again")
+        from training.outliers import held_out_outliers
+
+        others, families = held_out_outliers()
+        other_logits = onnx_outputs(session, others)[1]
+        kind, threshold = meta["ood_score"], float(meta["ood_threshold"])
+        digit_scores, other_scores = digit_score(logits, kind), digit_score(other_logits, kind)
+        result["ood"] = ood_report(digit_scores, other_scores, threshold)
+        result["ood"]["score"] = kind
+        names = np.array(families)
+        result["ood"]["flagged_by_family"] = {
+            family: float((other_scores[names == family] < threshold).mean()) for family in dict.fromkeys(families)
+        }
+    return result

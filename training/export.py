@@ -1,7 +1,9 @@
 """Checkpoint -> verified ONNX file with its conventions in the metadata, listed in ``models.json``.
 
 The graph takes plain pixels in [0, 1] (white ink on black, MNIST's convention), applies the training
-normalisation itself and ends in softmax, so a client cannot get the normalisation wrong.
+normalisation itself, divides the logits by the calibration temperature fitted on the validation split and ends
+in softmax, so a client cannot get the normalisation wrong and reads calibrated probabilities. The metadata
+carries the temperature, the measured test ECE, and the score and thresholds behind an answer's ``status``.
 
 Exporter: the torch.export-based one (``dynamo=True``). It is the exporter PyTorch maintains and makes the
 default; the TorchScript-based one is deprecated. Our models are plain feed-forward graphs, so torch.export
@@ -24,9 +26,11 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
+from training.calibrate import ECE_BINS, digit_score, ece, ood_report, softmax
 from training.data import MNIST_MEAN, MNIST_STD, load_arrays
-from training.evaluate import load_checkpoint, onnx_probabilities, summarise
+from training.evaluate import load_checkpoint, onnx_outputs, onnx_probabilities, summarise
 from training.models import count_parameters
+from training.outliers import held_out_outliers
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +55,11 @@ REQUIRED_METADATA = (
     "labels",
     "normalization",
     "test_accuracy",
+    "temperature",
+    "test_ece",
+    "ood_score",
+    "ood_threshold",
+    "uncertain_threshold",
     "run_id",
     "recipe",
     "data_sha256",
@@ -65,15 +74,17 @@ class ExportError(RuntimeError):
 
 
 class WithPreprocessing(nn.Module):
-    """[N, 1, 28, 28] pixels in [0, 1] -> (probabilities, logits): normalisation and softmax live in the graph."""
+    """[N, 1, 28, 28] pixels in [0, 1] -> (probabilities, logits): normalisation, temperature and softmax live
+    in the graph. ``logits`` are the model's logits divided by the temperature (the calibrated ones)."""
 
-    def __init__(self, model: nn.Module, mean: float, std: float) -> None:
+    def __init__(self, model: nn.Module, mean: float, std: float, temperature: float = 1.0) -> None:
         super().__init__()
         self.model = model
         self.mean, self.std = mean, std
+        self.temperature = temperature
 
     def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = self.model((image - self.mean) / self.std)
+        logits = self.model((image - self.mean) / self.std) / self.temperature
         return torch.softmax(logits, dim=1), logits
 
 
@@ -85,6 +96,7 @@ class ExportReport:
     onnx_test_accuracy: float
     max_abs_diff: dict[int, float]
     parameters: int
+    quality: dict = field(default_factory=dict)
     int8: dict = field(default_factory=dict)
 
     def summary(self) -> list[str]:
@@ -96,6 +108,16 @@ class ExportReport:
             f"test accuracy: torch {100 * self.torch_test_accuracy:.2f}%, "
             f"ONNX Runtime {100 * self.onnx_test_accuracy:.2f}% (10,000 images)",
         ]
+        if self.quality:
+            q, ood = self.quality, self.quality["ood"]
+            lines.append(
+                f"test ECE ({ECE_BINS} bins): {q['test_ece_uncalibrated']:.4f} before, {q['test_ece']:.4f} after "
+                f"temperature {q['temperature']:.4f}"
+            )
+            lines.append(
+                f"not a digit (held-out set): AUROC {ood['auroc']:.4f}, non-digits flagged "
+                f"{100 * ood['non_digits_flagged']:.1f}%, MNIST test digits flagged {100 * ood['digits_flagged']:.2f}%"
+            )
         if self.int8:
             lines.append(f"int8: {json.dumps(self.int8)}")
         return lines
@@ -105,8 +127,9 @@ def file_sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _metadata(checkpoint: dict, name: str, parameters: int, test_accuracy: float) -> dict[str, str]:
+def _metadata(checkpoint: dict, name: str, parameters: int, test_accuracy: float, quality: dict) -> dict[str, str]:
     recipe = checkpoint["recipe"]
+    calibration = checkpoint["calibration"]
     return {
         "model_name": name,
         "architecture": checkpoint["arch"],
@@ -121,6 +144,13 @@ def _metadata(checkpoint: dict, name: str, parameters: int, test_accuracy: float
         "labels": json.dumps(LABELS),
         "normalization": json.dumps({**checkpoint["normalization"], "applied_in_graph": True}),
         "test_accuracy": f"{test_accuracy:.4f}",
+        "temperature": f"{calibration['temperature']:.6g}",
+        "test_ece": f"{quality['test_ece']:.4f}",
+        "test_ece_uncalibrated": f"{quality['test_ece_uncalibrated']:.4f}",
+        "ood_score": calibration["ood_score"],
+        "ood_threshold": f"{calibration['ood_threshold']:.6g}",
+        "uncertain_threshold": f"{calibration['uncertain_threshold']:.6g}",
+        "ood_held_out": json.dumps({k: round(v, 4) for k, v in quality["ood"].items()}),
         "run_id": checkpoint["run_id"],
         "recipe": json.dumps(recipe),
         "data_sha256": json.dumps(checkpoint.get("data_sha256", {})),
@@ -130,9 +160,11 @@ def _metadata(checkpoint: dict, name: str, parameters: int, test_accuracy: float
     }
 
 
-def to_onnx(model: nn.Module, path: Path, mean: float = MNIST_MEAN, std: float = MNIST_STD) -> None:
-    """Export ``model`` (eval mode) wrapped with normalisation and softmax, dynamic batch dimension."""
-    wrapped = WithPreprocessing(model, mean, std).eval()
+def to_onnx(
+    model: nn.Module, path: Path, mean: float = MNIST_MEAN, std: float = MNIST_STD, temperature: float = 1.0
+) -> None:
+    """Export ``model`` (eval mode) wrapped with normalisation, temperature and softmax, dynamic batch dimension."""
+    wrapped = WithPreprocessing(model, mean, std, temperature).eval()
     example = torch.rand(2, 1, 28, 28)
     batch = torch.export.Dim("batch", min=1, max=65536)
     program = torch.onnx.export(
@@ -150,15 +182,16 @@ def to_onnx(model: nn.Module, path: Path, mean: float = MNIST_MEAN, std: float =
 
 
 def verify(
-    path: Path, model: nn.Module, images: np.ndarray, labels: np.ndarray
+    path: Path, model: nn.Module, images: np.ndarray, labels: np.ndarray, temperature: float = 1.0
 ) -> tuple[dict[int, float], float, float]:
-    """Full onnx.checker, ONNX Runtime vs torch on real digits, and both test accuracies on all images.
+    """Full onnx.checker, ONNX Runtime vs torch (with ``temperature``) on real digits, and both test accuracies
+    on all images.
 
     Returns (max |Δ probability| per batch size, torch accuracy, ONNX Runtime accuracy); raises ExportError.
     """
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    wrapped = WithPreprocessing(model, MNIST_MEAN, MNIST_STD).eval()
+    wrapped = WithPreprocessing(model, MNIST_MEAN, MNIST_STD, temperature).eval()
     diffs: dict[int, float] = {}
     for batch in VERIFY_BATCHES:
         x = images[:batch, None].astype(np.float32) / 255.0
@@ -182,6 +215,21 @@ def verify(
     return diffs, torch_acc, onnx_acc
 
 
+def measure_quality(
+    session: ort.InferenceSession, images: np.ndarray, labels: np.ndarray, temperature: float, calibration: dict
+) -> dict:
+    """Test ECE before and after the temperature, and the held-out "not a digit" figures, from the graph's outputs."""
+    probabilities, logits = onnx_outputs(session, images)
+    others = onnx_outputs(session, held_out_outliers()[0])[1]
+    kind, threshold = calibration["ood_score"], calibration["ood_threshold"]
+    return {
+        "temperature": temperature,
+        "test_ece": ece(probabilities, labels),
+        "test_ece_uncalibrated": ece(softmax(logits * temperature), labels),  # undo the graph's division
+        "ood": ood_report(digit_score(logits, kind), digit_score(others, kind), threshold),
+    }
+
+
 def export(
     checkpoint_path: Path,
     out_dir: Path,
@@ -191,6 +239,14 @@ def export(
 ) -> ExportReport:
     """Export, verify, write metadata, and record the file in ``out_dir/models.json``."""
     model, checkpoint = load_checkpoint(checkpoint_path)
+    if "calibration" not in checkpoint:  # a run from before calibration: fit it now, on its validation split
+        from training.data import load_mnist
+        from training.train import Recipe, calibrate
+
+        recipe = Recipe(**checkpoint["recipe"])
+        data = load_mnist(data_dir, recipe.val_size, recipe.seed, recipe.train_subset)
+        checkpoint["calibration"] = calibrate(model, data, recipe, torch.device("cpu"))
+    temperature = checkpoint["calibration"]["temperature"]
     name = name or f"mnist-{checkpoint['arch']}"
     arrays = load_arrays(data_dir)
     images, labels = arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
@@ -200,15 +256,17 @@ def export(
     # Export and verify in a scratch directory: a file that fails verification never reaches out_dir.
     with tempfile.TemporaryDirectory() as tmp:
         scratch = Path(tmp) / path.name
-        to_onnx(model, scratch, **{k: checkpoint["normalization"][k] for k in ("mean", "std")})
-        diffs, torch_acc, onnx_acc = verify(scratch, model, images, labels)
+        to_onnx(model, scratch, **{k: checkpoint["normalization"][k] for k in ("mean", "std")}, temperature=temperature)
+        diffs, torch_acc, onnx_acc = verify(scratch, model, images, labels, temperature)
         parameters = count_parameters(model)
+        session = ort.InferenceSession(str(scratch), providers=["CPUExecutionProvider"])
+        quality = measure_quality(session, images, labels, temperature, checkpoint["calibration"])
         proto = onnx.load(str(scratch))
         proto.doc_string = f"MNIST digit classifier {name} ({checkpoint['arch']}), run {checkpoint['run_id']}"
-        onnx.helper.set_model_props(proto, _metadata(checkpoint, name, parameters, onnx_acc))
+        onnx.helper.set_model_props(proto, _metadata(checkpoint, name, parameters, onnx_acc, quality))
         onnx.save(proto, str(path))
 
-    report = ExportReport(path, file_sha256(path), torch_acc, onnx_acc, diffs, parameters)
+    report = ExportReport(path, file_sha256(path), torch_acc, onnx_acc, diffs, parameters, quality=quality)
     if int8:
         from training.quantize import quantize_if_worth_it
 
@@ -234,6 +292,13 @@ def _record(out_dir: Path, report: ExportReport, checkpoint: dict, checkpoint_pa
             "file": file_name,
             "sha256": file_sha256(file_path),
             "test_accuracy": float(meta["test_accuracy"]),
+            "temperature": float(meta["temperature"]),
+            "test_ece": float(meta["test_ece"]),
+            "test_ece_uncalibrated": float(meta["test_ece_uncalibrated"]),
+            "ood_score": meta["ood_score"],
+            "ood_threshold": float(meta["ood_threshold"]),
+            "uncertain_threshold": float(meta["uncertain_threshold"]),
+            "ood_held_out": json.loads(meta["ood_held_out"]),
             "parameters": int(meta["parameters"]),
             "opset": int(meta["opset"]),
             "architecture": meta["architecture"],

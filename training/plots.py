@@ -52,3 +52,36 @@ def plot_confusion(matrix: list[list[int]], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def plot_reliability(bins: dict, path: Path, title: str) -> None:
+    """Reliability diagram: accuracy against mean confidence per bin, before and after the temperature."""
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4.5), sharey=True)
+    panels = (("before", "without temperature"), ("after", "shipped (calibrated)"))
+    for ax, (key, label) in zip(axes, panels, strict=True):
+        b = bins[key]
+        edges = np.asarray(b["edges"])
+        centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+        accuracy = np.nan_to_num(np.asarray(b["accuracy"], dtype=float))
+        confidence = np.asarray(b["confidence"], dtype=float)
+        ax.bar(centres, accuracy, width=width * 0.95, color="tab:blue", alpha=0.8, label="accuracy in bin")
+        ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+        filled = ~np.isnan(confidence)
+        # The gap between a bar's top and its red mark is that bin's miscalibration.
+        ax.plot(
+            centres[filled], confidence[filled], "_", color="tab:red", markersize=14, mew=2, label="mean confidence"
+        )
+        for x, n in zip(centres, b["counts"], strict=True):
+            if n:
+                ax.text(x, 0.02, str(n), rotation=90, ha="center", va="bottom", fontsize=7, color="white")
+        ax.set_title(f"{label}: ECE {b['ece']:.4f}")
+        ax.set_xlabel("confidence (max probability)")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("accuracy (10,000 MNIST test digits)")
+    axes[0].legend(loc="upper left", fontsize=8)
+    fig.suptitle(f"{title}: reliability, 15 bins (counts in the bars)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

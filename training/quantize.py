@@ -6,6 +6,7 @@ Kept when it loses at most 0.1 percentage points of test accuracy and is measura
 
 from __future__ import annotations
 
+import json
 import logging
 import tempfile
 import time
@@ -17,6 +18,7 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from training.evaluate import onnx_probabilities, summarise
+from training.export import measure_quality
 
 log = logging.getLogger(__name__)
 
@@ -88,11 +90,21 @@ def quantize_if_worth_it(fp32_path: Path, arrays: dict[str, np.ndarray], fp32_ac
         if kept:
             proto = onnx.load(str(candidate))
             meta = {p.key: p.value for p in onnx.load(str(fp32_path)).metadata_props}
+            # Same temperature and thresholds as the float model (they are in the graph and metadata); its own
+            # calibration error and held-out "not a digit" figures, measured.
+            calibration = {"ood_score": meta["ood_score"], "ood_threshold": float(meta["ood_threshold"])}
+            quality = measure_quality(
+                session, arrays["t10k-images-idx3-ubyte"], labels, float(meta["temperature"]), calibration
+            )
             meta.update(
                 model_name=meta["model_name"] + "-int8",
                 test_accuracy=f"{int8_accuracy:.4f}",
+                test_ece=f"{quality['test_ece']:.4f}",
+                test_ece_uncalibrated=f"{quality['test_ece_uncalibrated']:.4f}",
+                ood_held_out=json.dumps({k: round(v, 4) for k, v in quality["ood"].items()}),
                 quantization="static int8 (QDQ, per-channel), 512 training images",
             )
+            result["test_ece"] = quality["test_ece"]
             onnx.helper.set_model_props(proto, meta)
             onnx.save(proto, str(out))
             result["file"] = str(out)

@@ -4,7 +4,7 @@
 
 (() => {
   // Relative to /ui/, so the page also works when a proxy serves the whole service under a path prefix.
-  const API = { predict: "../predict", model: "../model" };
+  const API = { predict: "../predict", read: "../read", model: "../model" };
   const DEBOUNCE_MS = 350; // long enough to finish a multi-stroke digit such as 4 or 7 before predicting
   const PAPER = {
     dark: { background: "#000000", ink: "#ffffff" },
@@ -25,10 +25,14 @@
     empty: $("empty"),
     result: $("result"),
     digit: $("digit"),
+    verdict: $("verdict"),
     confidence: $("confidence"),
     modelLine: $("model-line"),
     seen: $("seen"),
     bars: $("bars"),
+    barsTitle: $("bars-title"),
+    number: $("number-digits"),
+    boxes: $("boxes"),
   };
 
   let paper = "dark";
@@ -48,6 +52,7 @@
     ctx.fillRect(0, 0, canvas.width, canvas.height);
     currentFile = null;
     hint.hidden = false;
+    ui.boxes.replaceChildren();
   }
 
   function canvasPoint(event) {
@@ -76,6 +81,8 @@
     clearTimeout(debounceTimer);
     if (currentFile) resetCanvas();
     hint.hidden = true;
+    ui.boxes.replaceChildren(); // the boxes belonged to the last answer
+
     const point = canvasPoint(event);
     stroke = { pointerId: event.pointerId, ...point };
     segment(point, point); // a tap leaves a dot
@@ -232,6 +239,18 @@
       const response = await fetch(API.predict, { method: "POST", body: form, signal: controller.signal });
       const body = await readBody(response);
       if (seq !== requestSeq) return;
+      // Several digits side by side: /predict says so (422) and points to /read, which reads the number.
+      if (response.status === 422 && typeof body?.error === "string" && body.error.includes("/read")) {
+        const read = await fetch(API.read, { method: "POST", body: form, signal: controller.signal });
+        const number = await readBody(read);
+        if (seq !== requestSeq) return;
+        if (!read.ok) throw new Error(errorMessage(read, number));
+        if (!number || typeof number.text !== "string" || !Array.isArray(number.digits)) {
+          throw new Error("The service sent an answer this page does not understand.");
+        }
+        showNumber(number, performance.now() - started);
+        return;
+      }
       if (!response.ok) throw new Error(errorMessage(response, body));
       if (!body || !Array.isArray(body.probabilities) || body.probabilities.length !== 10) {
         throw new Error("The service sent an answer this page does not understand.");
@@ -271,9 +290,74 @@
     }
   }
 
+  // The answer's `status` in words (README, "HTTP API"); the digit is shown greyed or crossed out to match.
+  const VERDICTS = {
+    ok: (digit) => `This is a ${digit}.`,
+    uncertain: (digit) => `Not sure: maybe a ${digit}.`,
+    not_a_digit: () => "This does not look like a digit.",
+  };
+
+  function showNumber(body, elapsedMs) {
+    // A number read by /read: the text in the digit tile, each digit's confidence in words, boxes on the drawing.
+    ui.digit.textContent = body.text.replace(/\n/g, " ");
+    ui.digit.classList.add("number");
+    ui.digit.classList.remove("not-a-digit", "uncertain");
+    const doubtful = body.digits.filter((d) => d.status !== "ok").length;
+    ui.verdict.dataset.status = doubtful ? "uncertain" : "ok";
+    ui.verdict.textContent = `This reads as ${body.text.replace(/\n/g, " ")}` + (doubtful ? ` (${doubtful} digit${doubtful > 1 ? "s" : ""} uncertain).` : ".");
+    const least = Math.min(...body.digits.map((d) => Number(d.confidence) || 0));
+    ui.confidence.textContent = `${body.digits.length} digits, lowest ${percent(least)}`;
+    ui.modelLine.textContent = [body.model, body.version].filter(Boolean).join("\n");
+    ui.seen.parentElement.hidden = true;
+    ui.bars.hidden = ui.barsTitle.hidden = true;
+    ui.number.replaceChildren(
+      ...body.digits.map((d) => {
+        const item = document.createElement("li");
+        item.dataset.status = d.status;
+        item.textContent = `${d.digit} · ${percent(d.confidence)}`;
+        item.title = VERDICTS[d.status] ? VERDICTS[d.status](d.digit) : "";
+        return item;
+      }),
+    );
+    ui.number.hidden = false;
+    // Boxes are in the upload's pixels; on a drawing those are the canvas's (a previewed file is scaled).
+    ui.boxes.replaceChildren();
+    if (!currentFile) {
+      for (const d of body.digits) {
+        const [x, y, w, h] = d.box;
+        const box = document.createElement("div");
+        box.className = "box";
+        box.dataset.status = d.status;
+        Object.assign(box.style, {
+          left: `${(x / canvas.width) * 100}%`,
+          top: `${(y / canvas.height) * 100}%`,
+          width: `${(w / canvas.width) * 100}%`,
+          height: `${(h / canvas.height) * 100}%`,
+        });
+        const label = document.createElement("span");
+        label.textContent = `${d.digit} ${percent(d.confidence)}`;
+        box.append(label);
+        ui.boxes.append(box);
+      }
+    }
+    ui.status.dataset.last = `${Math.round(elapsedMs)} ms`;
+    ui.error.hidden = true;
+    ui.empty.hidden = true;
+    ui.result.hidden = false;
+  }
+
   function showResult(body, elapsedMs) {
+    ui.digit.classList.remove("number");
+    ui.bars.hidden = ui.barsTitle.hidden = false;
+    ui.number.hidden = true;
+    ui.boxes.replaceChildren();
     const probabilities = body.probabilities;
-    ui.digit.textContent = String(body.digit);
+    const status = Object.hasOwn(VERDICTS, body.status) ? body.status : "";
+    ui.digit.textContent = status === "not_a_digit" ? "?" : String(body.digit);
+    ui.digit.classList.toggle("not-a-digit", status === "not_a_digit");
+    ui.digit.classList.toggle("uncertain", status === "uncertain");
+    ui.verdict.dataset.status = status;
+    ui.verdict.textContent = status ? VERDICTS[status](body.digit) : "";
     ui.confidence.textContent = percent(body.confidence);
     ui.modelLine.textContent = [body.model, body.version].filter(Boolean).join("\n");
     ui.modelLine.title = ui.modelLine.textContent;
