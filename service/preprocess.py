@@ -104,9 +104,10 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     if width == 0 or height == 0:
         raise ImageError(400, f"image has no pixels: {width}x{height}")
     try:
-        if image.format in ("JPEG", "MPO") and max(width, height) > 2 * WORK_SIDE:
-            # libjpeg decodes at 1/2, 1/4 or 1/8 scale for almost nothing: big photos get cheap.
-            image.draft(None, (WORK_SIDE, WORK_SIDE))
+        if image.format in ("JPEG", "MPO") and max(width, height) > WORK_SIDE:
+            # libjpeg decodes at 1/2, 1/4 or 1/8 scale for almost nothing: big photos get cheap. The smallest
+            # scale that keeps at least half of WORK_SIDE (an 800x600 phone photo is analysed at 400x300).
+            image.draft(None, (WORK_SIDE // 2, WORK_SIDE // 2))
         image.load()
         ImageOps.exif_transpose(image, in_place=True)
     except Image.DecompressionBombError as exc:

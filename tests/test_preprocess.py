@@ -428,8 +428,8 @@ def test_big_photo_is_fast(digits: np.ndarray) -> None:
     out = preprocess(data, **LIMITS)
     assert time.perf_counter() - start < 1.0
     assert_mnist_like(out, digits[0])
-    # libjpeg's scaled decoding did the shrinking: the decoded image is a quarter of the photo's size.
-    assert decode_image(data, **LIMITS).size == (1000, 750)
+    # libjpeg's scaled decoding did the shrinking: the decoded image is an eighth of the photo's size.
+    assert decode_image(data, **LIMITS).size == (500, 375)
 
 
 def test_to_mnist_takes_an_opened_image(digits: np.ndarray) -> None:
