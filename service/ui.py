@@ -14,7 +14,8 @@ from starlette.requests import Request
 from starlette.responses import FileResponse, Response
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .web import HeaderRewrite
 
 STATIC_DIR = Path(__file__).parent / "static"
 
@@ -34,25 +35,10 @@ SECURITY_HEADERS = [
 ]
 
 
-class SecurityHeaders:
-    """Adds `SECURITY_HEADERS` to every HTTP response of the wrapped app."""
-
-    def __init__(self, app: ASGIApp) -> None:
-        self.app = app
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-
-        async def send_with_headers(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                names = {name for name, _ in SECURITY_HEADERS}
-                kept = [(k, v) for k, v in message.get("headers", []) if k.lower() not in names]
-                message = {**message, "headers": kept + SECURITY_HEADERS}
-            await send(message)
-
-        await self.app(scope, receive, send_with_headers)
+def with_security_headers(_status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """`SECURITY_HEADERS` on every response of the page (replacing any of the same name)."""
+    names = {name for name, _ in SECURITY_HEADERS}
+    return [(k, v) for k, v in headers if k.lower() not in names] + SECURITY_HEADERS
 
 
 async def index(request: Request) -> Response:
@@ -66,5 +52,5 @@ ui_app = Starlette(
         Route("/", index, methods=["GET", "HEAD"]),
         Mount("/static", StaticFiles(directory=STATIC_DIR), name="static"),
     ],
-    middleware=[Middleware(SecurityHeaders)],
+    middleware=[Middleware(HeaderRewrite, rewrite=with_security_headers)],
 )

@@ -9,6 +9,7 @@ drops the scheme and host from such redirects, so the browser stays where it is.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from urllib.parse import urlsplit
 
 from starlette.requests import Request
@@ -53,23 +54,34 @@ async def docs_page(_: Request) -> HTMLResponse:
 routes = [Route("/", docs_page, methods=["GET", "HEAD"])]
 
 
-class RelativeRedirects:
-    """Rewrites an absolute Location to its path (and query); everything else passes untouched."""
+class HeaderRewrite:
+    """ASGI middleware: `rewrite(status, headers)` gives the headers each HTTP response starts with."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, rewrite: Callable[[int, list[tuple[bytes, bytes]]], list[tuple[bytes, bytes]]]):
         self.app = app
+        self.rewrite = rewrite
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
 
-        async def send_relative(message: Message) -> None:
-            if message["type"] == "http.response.start" and message["status"] in _REDIRECTS:
-                message = {**message, "headers": [_relative(k, v) for k, v in message.get("headers", [])]}
+        async def send_rewritten(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": self.rewrite(message["status"], list(message.get("headers", [])))}
             await send(message)
 
-        await self.app(scope, receive, send_relative)
+        await self.app(scope, receive, send_rewritten)
+
+
+def relative_redirects(status: int, headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """An absolute Location rewritten to its path (and query); other answers untouched."""
+    return [_relative(k, v) for k, v in headers] if status in _REDIRECTS else headers
+
+
+class RelativeRedirects(HeaderRewrite):
+    def __init__(self, app: ASGIApp) -> None:
+        super().__init__(app, relative_redirects)
 
 
 def _relative(name: bytes, value: bytes) -> tuple[bytes, bytes]:

@@ -129,7 +129,7 @@ def test_read_refuses_what_it_cannot_read(server: Server, readable: list[Digit])
     assert response.status_code == 400 and "not an image" in response.json()["error"]
 
     response = post(server, "/read", number_png(readable[:2])[0], model="mnist-nope")
-    assert response.status_code == 404
+    assert response.status_code == 404 and "unknown model 'mnist-nope'" in response.json()["error"]
 
     # 36 digits, 4 rows of 9: over the default MNIST_MAX_DIGITS of 32.
     png, _ = number_png([readable[i % len(readable)] for i in range(36)], rows=4)
