@@ -6,6 +6,9 @@
 Compared, each on a fresh local `bentoml serve` (MNIST_* environment per configuration):
   /ping (the HTTP floor) vs /predict on the same server; CNN vs MLP (same server, `model` field);
   1 vs 2 workers; /predict_batch with 64 MNIST PNGs per request (images/s).
+And against the obvious alternative (issue 14), both under plain uvicorn with 2 workers (benchmarks/baseline.py):
+  the FastAPI + ONNX Runtime baseline's /predict (same preprocessing, same model file), and the floor, a bare
+  ASGI app answering a constant to the same request bodies: what HTTP alone costs.
 Start-up (launch to GET /readyz 200) is timed at every start.
 
 Load generator: wrk (C, epoll, one thread) with benchmarks/bodies.lua, which sends pre-built multipart
@@ -69,6 +72,12 @@ class ServerConfig:
     name: str
     env: dict[str, str]
     workloads: tuple[Workload, ...]
+    command: tuple[str, ...] = ()  # another server than `bentoml serve` ({port} is filled in)
+    answers: bool = True  # False: the server answers a constant (no calibration, no answer checks)
+
+
+def baseline(app: str, workers: int = 2) -> tuple[str, ...]:
+    return (sys.executable, "-m", "benchmarks.baseline", app, "--port", "{port}", "--workers", str(workers))
 
 
 def configs(connections: int, batch_connections: int) -> list[ServerConfig]:
@@ -92,6 +101,10 @@ def configs(connections: int, batch_connections: int) -> list[ServerConfig]:
             "2 workers",
             {**base, "MNIST_WORKERS": "2"},
             (cnn, cnn_close, Workload("ping", "/ping", None, connections), batch),
+        ),
+        ServerConfig("FastAPI baseline", {}, (cnn,), command=baseline("fastapi")),
+        ServerConfig(
+            "floor", {}, (Workload("constant", "/predict", "mnist-cnn", connections),), baseline("floor"), False
         ),
     ]
 
@@ -120,6 +133,7 @@ class Results:
     idle_rss_mib: dict[str, list[float]] = field(default_factory=lambda: defaultdict(list))
     load: list[tuple[float, float, float]] = field(default_factory=list)
     background_cpu: list[float] = field(default_factory=list)  # % of all cores, before each server start
+    calibrated: dict[str, list[Digit]] = field(default_factory=dict)  # model -> digits it gets right
 
 
 def write_bodies(folder: Path, bodies: list[bytes]) -> Path:
@@ -177,6 +191,8 @@ def measure(
     server: LocalServer, config: ServerConfig, workload: Workload, digits: dict[str, list[Digit]], args: Any, rnd: int
 ) -> Measurement:
     pool = digits.get(workload.model or "", [])
+    if not config.answers:
+        pool = digits.get("", [])
     with tempfile.TemporaryDirectory(prefix="bench-bodies-") as tmp:
         bodies = bodies_for(workload, pool)
         folder = write_bodies(Path(tmp), bodies)
@@ -188,7 +204,7 @@ def measure(
         workers = server.workers()
     errors = sum(v for k, v in stats.items() if k.startswith("errors_"))
     rps = stats["requests"] / (stats["duration_us"] / 1e6)
-    wrong = check_answers(server.url, pool, workload.model) if workload.model else 0
+    wrong = check_answers(server.url, pool, workload.model) if workload.model and config.answers else 0
     return Measurement(
         config=config.name,
         workload=workload.name,
@@ -221,15 +237,19 @@ def background_cpu(limit: float, patience: float) -> float:
 
 def run_config(config: ServerConfig, rnd: int, args: Any, results: Results, pool: list[Digit]) -> None:
     results.background_cpu.append(background_cpu(args.quiet_cpu, args.quiet_wait))
-    with LocalServer(env=config.env, log_path=args.logs / f"server-{rnd}-{config.name.replace(' ', '_')}.log") as s:
+    log = args.logs / f"server-{rnd}-{config.name.replace(' ', '_')}.log"
+    with LocalServer(env=config.env, log_path=log, command=list(config.command) or None) as s:
         results.startups[config.name].append(s.startup_seconds or 0.0)
         results.idle_rss_mib[config.name] += [w.rss / 2**20 for w in s.workers()]
-        digits = {}
-        for model in {w.model for w in config.workloads if w.model}:
+        digits = {"": pool[:200]}  # for a server that answers a constant: the same bodies, unchecked
+        for model in {w.model for w in config.workloads if w.model and config.answers}:
+            if config.command:  # a baseline has no /model or /predict_batch: the digits our server got right
+                digits[model] = results.calibrated.get(model, pool)
+                continue
             calibration = calibrate(s.url, pool, model)
             if not calibration.ok:
                 raise RuntimeError(f"{config.name}: {model} got only {100 * calibration.accuracy:.1f} % right")
-            digits[model] = calibration.kept
+            digits[model] = results.calibrated[model] = calibration.kept
         order = config.workloads if rnd % 2 == 0 else config.workloads[::-1]
         for workload in order:
             m = measure(s, config, workload, digits, args, rnd)
@@ -292,6 +312,14 @@ def summarise(results: Results) -> tuple[list[dict[str, Any]], dict[str, float]]
         "2 workers / 1 worker, batch (images/s)": paired(
             ("2 workers", f"batch{BATCH_IMAGES} cnn"), (one, f"batch{BATCH_IMAGES} cnn"), "images_per_s"
         ),
+        "ours (2 workers) / FastAPI baseline, /predict (req/s)": paired(
+            ("2 workers", "predict cnn"), ("FastAPI baseline", "predict cnn")
+        ),
+        "ours (2 workers) / FastAPI baseline, /predict (p99)": paired(
+            ("2 workers", "predict cnn"), ("FastAPI baseline", "predict cnn"), "p99_ms"
+        ),
+        "FastAPI baseline / floor (req/s)": paired(("FastAPI baseline", "predict cnn"), ("floor", "constant")),
+        "ours /ping / floor (req/s)": paired(("2 workers", "ping"), ("floor", "constant")),
     }
     return rows, ratios
 
@@ -308,7 +336,11 @@ def targets(
     ratio = ratios["2 workers: predict cnn / ping (req/s)"]
     p99, images = cnn.get("p99_ms", float("nan")), batch.get("images_per_s", float("nan"))
     errors = sum(r["errors"] + r["wrong"] for r in rows)
+    versus = ratios["ours (2 workers) / FastAPI baseline, /predict (req/s)"]
+    versus_p99 = ratios["ours (2 workers) / FastAPI baseline, /predict (p99)"]
     return [
+        ("/predict >= 1.0x the FastAPI baseline's req/s", f"{versus:.2f}x", versus >= 1.0),
+        ("/predict p99 no worse than the baseline's", f"{versus_p99:.2f}x the baseline's", versus_p99 <= 1.0),
         ("/predict >= 70 % of /ping throughput", f"{100 * ratio:.0f} %", ratio >= 0.70),
         (f"p99 at {clients} clients <= 50 ms", f"{p99:.1f} ms", p99 <= 50),
         (f"/predict_batch ({BATCH_IMAGES} PNGs) >= 5000 images/s", f"{images:.0f} images/s", images >= 5000),
@@ -422,7 +454,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-connections", type=int, default=4, help="concurrent clients for /predict_batch")
     parser.add_argument("--quiet-cpu", type=float, default=10, help="wait for other CPU use <= this %% (10)")
     parser.add_argument("--quiet-wait", type=float, default=60, help="but at most this many seconds (60)")
-    parser.add_argument("--only", help="run only the server configurations whose name contains this")
+    parser.add_argument(
+        "--only", help="run only the server configurations whose name contains one of these (comma list)"
+    )
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     parser.add_argument("--chart", type=Path, help="also draw the medians to this PNG")
@@ -432,7 +466,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.exit("wrk is not installed: apt-get install -y wrk (Debian/Ubuntu) or brew install wrk")
     args.logs.mkdir(parents=True, exist_ok=True)
 
-    chosen = [c for c in configs(args.connections, args.batch_connections) if not args.only or args.only in c.name]
+    chosen = [
+        c
+        for c in configs(args.connections, args.batch_connections)
+        if not args.only or any(o in c.name for o in args.only.split(","))
+    ]
     pool = mnist_test_digits(512, seed=1)
     results = Results()
     for rnd in range(args.rounds):

@@ -43,11 +43,20 @@ class LocalServer:
     The server runs in its own session so that stopping it ends exactly its process group.
     """
 
-    def __init__(self, env: dict[str, str] | None = None, port: int | None = None, log_path: Path | None = None):
+    def __init__(
+        self,
+        env: dict[str, str] | None = None,
+        port: int | None = None,
+        log_path: Path | None = None,
+        command: list[str] | None = None,
+    ):
+        """`command` (with `{port}` in it) runs another server instead, e.g. a benchmark baseline; every
+        process it starts then counts as a worker."""
         self.env = {**os.environ, **(env or {})}
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
+        self.command = [part.replace("{port}", str(self.port)) for part in command] if command else None
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
 
@@ -56,7 +65,7 @@ class LocalServer:
         bentoml = Path(sys.executable).with_name("bentoml")
         started = time.perf_counter()
         self.proc = subprocess.Popen(
-            [str(bentoml), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
+            self.command or [str(bentoml), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=REPO,
             env=self.env,
             stdout=log,
@@ -67,7 +76,7 @@ class LocalServer:
         while time.perf_counter() - started < timeout:
             if self.proc.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-3000:] if self.log_path else "(no log kept)"
-                raise RuntimeError(f"bentoml serve exited with {self.proc.returncode} during start-up:\n{tail}")
+                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} during start-up:\n{tail}")
             try:
                 if requests.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     self.startup_seconds = time.perf_counter() - started
@@ -76,7 +85,11 @@ class LocalServer:
                 pass
             time.sleep(0.05)
         self.stop()
-        raise TimeoutError(f"bentoml serve was not ready on {self.url} within {timeout:.0f} s")
+        raise TimeoutError(f"{self.name} was not ready on {self.url} within {timeout:.0f} s")
+
+    @property
+    def name(self) -> str:
+        return " ".join(self.command[:4]) if self.command else "bentoml serve"
 
     def processes(self) -> list[tuple[str, psutil.Process]]:
         """(role, process) for the supervisor and each worker, now."""
@@ -85,7 +98,7 @@ class LocalServer:
         found = [("supervisor", root)]
         for child in root.children(recursive=True):
             try:
-                role = "worker" if WORKER_MARK in " ".join(child.cmdline()) else "helper"
+                role = "worker" if self.command or WORKER_MARK in " ".join(child.cmdline()) else "helper"
             except psutil.Error:
                 continue
             found.append((role, child))

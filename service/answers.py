@@ -6,13 +6,11 @@ Blocking (Pillow, numpy, ONNX Runtime): the service calls these in worker thread
 from __future__ import annotations
 
 import base64
-import io
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
 
 from .metrics import metrics
 from .preprocess import (
@@ -28,7 +26,7 @@ from .preprocess import (
 from .runtime import Model, ModelCard, UnknownModelError
 from .settings import Settings
 from .uploads import RequestError
-from .work import raise_if_abandoned
+from .work import header_pixels, raise_if_abandoned
 
 # Images up to this many pixels are cheap enough (< 0.5 ms) to preprocess on the event loop.
 SMALL_PIXELS = 128 * 128
@@ -58,15 +56,12 @@ def classify(
 
 
 def is_small(data: bytes) -> bool:
-    """Whether the image's header declares at most SMALL_PIXELS pixels (~20 us: nothing is decoded).
+    """Whether the image's header declares at most SMALL_PIXELS pixels (a PNG's in ~1 us, others' ~20 us:
+    nothing is decoded). Not an image, or a broken one: False, and classify() says so, in a thread.
 
     The byte size says nothing here: a blank 4096x4096 PNG compresses to a few kilobytes.
     """
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.width * image.height <= SMALL_PIXELS
-    except Exception:  # not an image, or a broken one: classify() will say so, in a thread
-        return False
+    return 0 < header_pixels(data) <= SMALL_PIXELS
 
 
 def classify_pixels(model: Model, body: dict[str, Any]) -> dict[str, Any]:

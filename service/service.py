@@ -7,6 +7,7 @@ uploads.py reads bodies within limits, answers.py runs a request's images throug
 from __future__ import annotations
 
 import gc
+import re
 from typing import Any
 
 import bentoml
@@ -20,6 +21,7 @@ from . import web
 from .accept import spread_accepts
 from .answers import CLIENT_ERRORS, classify, classify_pixels, is_small, read_number
 from .connections import harden_worker
+from .fastpath import FastPath, api_routes
 from .runtime import Registry
 from .settings import Settings
 from .ui import ui_app
@@ -61,6 +63,8 @@ model_app = Starlette(routes=[Route("/model", model_cards, methods=["GET"]), *we
     workers=SETTINGS.workers,
     threads=SETTINGS.threads,
     traffic={"timeout": SETTINGS.request_timeout_s},
+    # One log line per request is BentoML's default; off unless MNIST_ACCESS_LOG=1 (README, "Settings").
+    logging={"access": {"enabled": SETTINGS.access_log}},
     **({"http": CORS} if SETTINGS.cors_origins else {}),
 )
 class MNIST:
@@ -69,12 +73,39 @@ class MNIST:
         self.work: Offloader | None = None
         tune_garbage_collector()
 
+    # The API methods, as BentoML sees them (OpenAPI, routes, clients). Each one's work is in its handler,
+    # `handle_<name>(request)`, which FastPath (fastpath.py) calls directly for requests over HTTP; the
+    # method itself runs when MNIST_FAST_PATH=0.
+
     @bentoml.api(route="/predict", input_spec=MultipartRequest, output_spec=JSONAnswer)
     async def predict(self, ctx: bentoml.Context) -> JSONResponse:
         """One image: multipart file field `image` (fields `model`, `return_image`), or a raw image/* body."""
+        return answered(ctx, await self.handle_predict(ctx.request))
+
+    @bentoml.api(route="/predict_batch", input_spec=MultipartRequest, output_spec=JSONAnswer)
+    async def predict_batch(self, ctx: bentoml.Context) -> JSONResponse:
+        """Up to MNIST_MAX_BATCH images in repeated file field `images`; answers in request order."""
+        return answered(ctx, await self.handle_predict_batch(ctx.request))
+
+    @bentoml.api(route="/read", input_spec=MultipartRequest, output_spec=JSONAnswer)
+    async def read(self, ctx: bentoml.Context) -> JSONResponse:
+        """A number: every digit on one image (multipart field `image`, or a raw image/* body), left to right."""
+        return answered(ctx, await self.handle_read(ctx.request))
+
+    @bentoml.api(route="/predict_pixels", input_spec=RawRequest, output_spec=JSONAnswer)
+    async def predict_pixels(self, ctx: bentoml.Context) -> JSONResponse:
+        """JSON `{"pixels": 28 rows of 28 numbers in [0, 1], white on black, "model": optional}`."""
+        return answered(ctx, await self.handle_predict_pixels(ctx.request))
+
+    @bentoml.api(route="/ping", input_spec=RawRequest, output_spec=JSONAnswer)
+    async def ping(self, ctx: bentoml.Context) -> JSONResponse:
+        """Does nothing: the cost of the HTTP stack alone, the floor for benchmarks."""
+        return answered(ctx, await self.handle_ping(ctx.request))
+
+    async def handle_predict(self, request: Request) -> JSONResponse:
         try:
             upload = await read_images(
-                ctx.request, field="image", max_files=1, max_bytes=SETTINGS.max_bytes,
+                request, field="image", max_files=1, max_bytes=SETTINGS.max_bytes,
                 too_many="send one image per request to /predict, or several to /predict_batch",
                 timeout_s=SETTINGS.body_timeout_s,
             )  # fmt: skip
@@ -85,59 +116,49 @@ class MNIST:
                 answers = classify(*args)
             else:
                 pixels = request_pixels(upload.files, SETTINGS.max_request_pixels)
-                answers = await self._offload(classify, *args, pixels=pixels, request=ctx.request)
+                answers = await self._offload(classify, *args, pixels=pixels, request=request)
             return JSONResponse(answers[0])
         except CLIENT_ERRORS as exc:
-            return reject(ctx, exc)
+            return rejection(exc)
 
-    @bentoml.api(route="/predict_batch", input_spec=MultipartRequest, output_spec=JSONAnswer)
-    async def predict_batch(self, ctx: bentoml.Context) -> JSONResponse:
-        """Up to MNIST_MAX_BATCH images in repeated file field `images`; answers in request order."""
+    async def handle_predict_batch(self, request: Request) -> JSONResponse:
         try:
             upload = await read_images(
-                ctx.request, field="images", max_files=SETTINGS.max_batch, max_bytes=SETTINGS.max_bytes,
+                request, field="images", max_files=SETTINGS.max_batch, max_bytes=SETTINGS.max_bytes,
                 too_many=f"too many images: the limit is {SETTINGS.max_batch} per request (MNIST_MAX_BATCH)",
                 allow_raw=False, timeout_s=SETTINGS.body_timeout_s,
             )  # fmt: skip
             model = self.registry.get(upload.fields.get("model"))
             pixels = request_pixels(upload.files, SETTINGS.max_request_pixels)
             answers = await self._offload(
-                classify, model, upload.files, upload.flag("return_image"), SETTINGS, pixels=pixels, request=ctx.request
+                classify, model, upload.files, upload.flag("return_image"), SETTINGS, pixels=pixels, request=request
             )
             return JSONResponse({"predictions": answers, "model": model.card.name, "version": model.card.version})
         except CLIENT_ERRORS as exc:
-            return reject(ctx, exc)
+            return rejection(exc)
 
-    @bentoml.api(route="/read", input_spec=MultipartRequest, output_spec=JSONAnswer)
-    async def read(self, ctx: bentoml.Context) -> JSONResponse:
-        """A number: every digit on one image (multipart field `image`, or a raw image/* body), left to right."""
+    async def handle_read(self, request: Request) -> JSONResponse:
         try:
             upload = await read_images(
-                ctx.request, field="image", max_files=1, max_bytes=SETTINGS.max_bytes,
+                request, field="image", max_files=1, max_bytes=SETTINGS.max_bytes,
                 too_many="send one image per request to /read", timeout_s=SETTINGS.body_timeout_s,
             )  # fmt: skip
             model = self.registry.get(upload.fields.get("model"))
             pixels = request_pixels(upload.files, SETTINGS.max_request_pixels)
             data = upload.files[0][1]
-            return JSONResponse(
-                await self._offload(read_number, model, data, SETTINGS, pixels=pixels, request=ctx.request)
-            )
+            return JSONResponse(await self._offload(read_number, model, data, SETTINGS, pixels=pixels, request=request))
         except CLIENT_ERRORS as exc:
-            return reject(ctx, exc)
+            return rejection(exc)
 
-    @bentoml.api(route="/predict_pixels", input_spec=RawRequest, output_spec=JSONAnswer)
-    async def predict_pixels(self, ctx: bentoml.Context) -> JSONResponse:
-        """JSON `{"pixels": 28 rows of 28 numbers in [0, 1], white on black, "model": optional}`."""
+    async def handle_predict_pixels(self, request: Request) -> JSONResponse:
         try:
-            body = await read_json(ctx.request, max_bytes=SETTINGS.max_bytes, timeout_s=SETTINGS.body_timeout_s)
+            body = await read_json(request, max_bytes=SETTINGS.max_bytes, timeout_s=SETTINGS.body_timeout_s)
             model = self.registry.get(body.get("model"))
             return JSONResponse(await self._offload(classify_pixels, model, body))
         except CLIENT_ERRORS as exc:
-            return reject(ctx, exc)
+            return rejection(exc)
 
-    @bentoml.api(route="/ping", input_spec=RawRequest, output_spec=JSONAnswer)
-    async def ping(self) -> JSONResponse:
-        """Does nothing: the cost of the HTTP stack alone, the floor for benchmarks."""
+    async def handle_ping(self, request: Request) -> JSONResponse:
         return JSONResponse({"ok": True})
 
     async def _offload(self, func: Any, *args: Any, pixels: int = 0, request: Request | None = None) -> Any:
@@ -163,10 +184,25 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def reject(ctx: bentoml.Context, exc: Exception) -> JSONResponse:
-    """A client mistake as `{"error": ...}` with its 4xx status (BentoML takes the status from ctx)."""
-    ctx.response.status_code = getattr(exc, "status", 400)
-    return JSONResponse({"error": str(exc)}, headers=getattr(exc, "headers", None))
+def rejection(exc: Exception) -> JSONResponse:
+    """A client mistake as `{"error": ...}` with its 4xx status and headers (Retry-After, Connection)."""
+    status, headers = getattr(exc, "status", 400), getattr(exc, "headers", None)
+    return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
 
 
+def answered(ctx: bentoml.Context, response: JSONResponse) -> JSONResponse:
+    """`response` as a BentoML API method's answer: BentoML sets the status from ctx, so ctx gets it."""
+    ctx.response.status_code = response.status_code
+    return response
+
+
+if SETTINGS.fast_path:  # first of ours, so the outermost of them: the API routes skip the rest
+    MNIST.add_asgi_middleware(FastPath, routes=api_routes(MNIST.apis), cors_origins=SETTINGS.cors_origins)
 MNIST.add_asgi_middleware(web.RelativeRedirects)  # Location without the client's Host (web.py)
+if not SETTINGS.tracing:
+    # BentoML's OpenTelemetry middleware makes a span for every request even with no exporter configured;
+    # excluded URLs skip it after one regex search. MNIST_TRACING=1 traces the API routes too.
+    MNIST.config["tracing"] = {
+        **MNIST.config.get("tracing", {}),
+        "excluded_urls": [re.escape(route) + r"(\?|$)" for route in api_routes(MNIST.apis)],
+    }

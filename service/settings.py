@@ -53,6 +53,13 @@ class Settings:
     keepalive_timeout_s: float = 5.0
     # MNIST_CORS_ORIGINS: comma list of origins allowed to call the API from a browser; empty: no CORS.
     cors_origins: tuple[str, ...] = ()
+    # MNIST_FAST_PATH: API routes answered by our handlers directly, without BentoML's per-API dispatch
+    # (fastpath.py); 0 sends them through BentoML's dispatch (its X-BentoML-Request-ID header comes back).
+    fast_path: bool = True
+    # MNIST_ACCESS_LOG: BentoML's access log, one line per request (off: ~8 % of a /predict, docs/benchmarks.md).
+    access_log: bool = False
+    # MNIST_TRACING: OpenTelemetry spans for the API routes (configure the exporter in BentoML's config).
+    tracing: bool = False
 
     @property
     def default_model(self) -> str:
@@ -97,6 +104,9 @@ class Settings:
             body_timeout_s=_positive_float(env, "MNIST_BODY_TIMEOUT_S", defaults.body_timeout_s),
             header_timeout_s=_positive_float(env, "MNIST_HEADER_TIMEOUT_S", defaults.header_timeout_s),
             keepalive_timeout_s=_positive_float(env, "MNIST_KEEPALIVE_TIMEOUT_S", defaults.keepalive_timeout_s),
+            fast_path=_flag(env, "MNIST_FAST_PATH", defaults.fast_path),
+            access_log=_flag(env, "MNIST_ACCESS_LOG", defaults.access_log),
+            tracing=_flag(env, "MNIST_TRACING", defaults.tracing),
             cors_origins=tuple(o.strip() for o in env.get("MNIST_CORS_ORIGINS", "").split(",") if o.strip()),
         )._checked()
 
@@ -117,6 +127,17 @@ class Settings:
                 f"{self.max_inflight_pixels}, or such a request could never be served"
             )
         return self
+
+
+def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:
+    raw = env.get(name, "").strip().lower()
+    if not raw:
+        return default
+    if raw in ("1", "true", "yes", "on"):
+        return True
+    if raw in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"{name}={raw!r} must be 1 or 0 (true/false, yes/no, on/off)")
 
 
 def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:

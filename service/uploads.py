@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from bentoml import IODescriptor
-from starlette.datastructures import UploadFile
-from starlette.formparsers import MultiPartException, MultiPartParser
+from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect, Request
 
 # Text fields are model names and flags: anything longer is a mistake, not a reason to buffer megabytes.
@@ -126,37 +125,121 @@ async def _read_images(
             f"unsupported Content-Type {content_type or '(none)'!r}: send multipart/form-data with a file "
             f"field {field!r}{raw}",
         )
-    _check_length(request, max_bytes)
-    parser = MultiPartParser(
-        request.headers,
-        _limited(request.stream(), max_bytes),
-        max_files=max_files + 1,  # one more, so that we, not the parser, report the limit
-        max_fields=MAX_FIELDS,
-        max_part_size=MAX_FIELD_BYTES,
-    )
+    body = await read_body(request, max_bytes)
     try:
-        form = await parser.parse()
-    except MultiPartException as exc:
-        if exc.message.startswith("Too many files"):
+        # One more file than allowed, so that we, not the parser, report the limit.
+        parts = parse_multipart(body, request.headers["content-type"], max_files=max_files + 1)
+    except MultipartError as exc:
+        if str(exc).startswith("Too many files"):
             raise RequestError(413, too_many) from exc
-        raise RequestError(400, f"malformed multipart body: {exc.message}") from exc
+        raise RequestError(400, f"malformed multipart body: {exc}") from exc
+    upload = Upload(fields=dict(request.query_params))
+    for part in parts:
+        if part.filename is None:
+            upload.fields[part.name] = part.text()
+        elif part.name == field:
+            upload.files.append((part.filename or part.name, part.data))
+    if field in upload.fields:
+        raise RequestError(400, f"field {field!r} must be a file upload, got a text value")
+    if not upload.files:
+        got = ", ".join(sorted({part.name for part in parts})) or "none"
+        raise RequestError(400, f"missing file field {field!r} (fields received: {got})")
+    if len(upload.files) > max_files:
+        raise RequestError(413, too_many)
+    return upload
+
+
+class MultipartError(ValueError):
+    """The body is not the multipart/form-data its Content-Type says; str(e) says where it breaks."""
+
+
+@dataclass(frozen=True)
+class Part:
+    """One part of a multipart/form-data body: a file when it has a `filename` (even ""), else a text field."""
+
+    name: str
+    filename: str | None
+    data: bytes
+
+    def text(self) -> str:
+        return _decode(self.data)
+
+
+def parse_multipart(
+    body: bytes,
+    content_type: str,
+    *,
+    max_files: int,
+    max_fields: int = MAX_FIELDS,
+    max_field_bytes: int = MAX_FIELD_BYTES,
+) -> list[Part]:
+    """The parts of a whole multipart/form-data `body` (RFC 7578), in order.
+
+    Why not Starlette's parser: it streams every part through python-multipart's per-byte callbacks and a
+    SpooledTemporaryFile, ~200 us for a one-digit upload, the largest single cost of a /predict after the
+    model (docs/benchmarks.md). Our bodies are read whole anyway (the images are decoded in memory), and
+    in a whole body the parts are found with a few `bytes.find` calls, ~10 us. Same rules and limits as
+    Starlette's (tests/test_uploads.py runs both on the same bodies): a part needs a Content-Disposition
+    with a `name`; text fields at most `max_field_bytes`; at most `max_files` files and `max_fields` fields.
+    """
+    _, options = parse_options_header(content_type)
+    boundary = options.get(b"boundary")
+    if not boundary:
+        raise MultipartError("no boundary in the Content-Type header")
+    delimiter = b"--" + boundary
+    if not body.startswith(delimiter):  # no preamble, as in Starlette's parser
+        raise MultipartError("the body does not start with the boundary from the Content-Type header")
+    pos = len(delimiter)
+    parts: list[Part] = []
+    files = fields = 0
+    while not body.startswith(b"--", pos):  # "--" after a delimiter closes the body; the rest is ignored
+        line_end = body.find(b"\r\n", pos)
+        if line_end < 0 or body[pos:line_end].strip(b" \t"):
+            raise MultipartError("a boundary must end its line")
+        headers_end = body.find(b"\r\n\r\n", line_end)
+        if headers_end < 0:
+            raise MultipartError("a part's headers do not end")
+        name, filename = _disposition(body[line_end + 2 : headers_end])
+        data_end = body.find(b"\r\n" + delimiter, headers_end + 4)
+        if data_end < 0:
+            raise MultipartError("the body ends inside a part (no closing boundary)")
+        data = body[headers_end + 4 : data_end]
+        if filename is None:
+            fields += 1
+            if fields > max_fields:
+                raise MultipartError(f"Too many fields. Maximum number of fields is {max_fields}.")
+            if len(data) > max_field_bytes:
+                raise MultipartError(f"text field {name!r} is longer than {max_field_bytes} bytes")
+        else:
+            files += 1
+            if files > max_files:
+                raise MultipartError(f"Too many files. Maximum number of files is {max_files}.")
+        parts.append(Part(name, filename, data))
+        pos = data_end + 2 + len(delimiter)
+    return parts
+
+
+def _disposition(headers: bytes) -> tuple[str, str | None]:
+    """(name, filename or None) from a part's header block."""
+    for line in headers.split(b"\r\n") if headers else ():
+        key, colon, value = line.partition(b":")
+        if not colon:
+            raise MultipartError(f"a part header line without a colon: {line[:60]!r}")
+        if key.strip().lower() == b"content-disposition":
+            _, options = parse_options_header(value.strip())
+            if b"name" not in options:
+                raise MultipartError('the Content-Disposition header field "name" must be provided')
+            filename = options.get(b"filename")
+            return _decode(options[b"name"]), None if filename is None else _decode(filename)
+    raise MultipartError("a part without a Content-Disposition header")
+
+
+def _decode(raw: bytes) -> str:
+    """UTF-8, or Latin-1 where it is not (Starlette's rule for names and text fields)."""
     try:
-        upload = Upload(fields=dict(request.query_params))
-        for name, value in form.multi_items():
-            if not isinstance(value, UploadFile):
-                upload.fields[name] = value
-            elif name == field:
-                upload.files.append((value.filename or name, await value.read()))
-        if field in upload.fields:
-            raise RequestError(400, f"field {field!r} must be a file upload, got a text value")
-        if not upload.files:
-            got = ", ".join(sorted({name for name, _ in form.multi_items()})) or "none"
-            raise RequestError(400, f"missing file field {field!r} (fields received: {got})")
-        if len(upload.files) > max_files:
-            raise RequestError(413, too_many)
-        return upload
-    finally:
-        await form.close()
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
 
 
 async def read_json(request: Request, *, max_bytes: int, timeout_s: float | None = None) -> dict[str, Any]:

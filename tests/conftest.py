@@ -73,17 +73,22 @@ class Server:
 @pytest.fixture(scope="session")
 def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
     """`bentoml serve` from the repository root on a free port, with every shipped model loaded."""
+    yield from serve(tmp_path_factory.mktemp("server") / "bentoml.log")
+
+
+def serve(log: Path, **env_overrides: str) -> Iterator[Server]:
+    """A `bentoml serve` as `server` starts it, with these MNIST_* settings changed; yields it, then stops it."""
     models = tuple(name for name in ("mnist-cnn", "mnist-mlp") if (EXPORTED / f"{name}.onnx").is_file())
     model_file("mnist-cnn")
     port = free_port()
-    log = tmp_path_factory.mktemp("server") / "bentoml.log"
-    env = dict(
-        os.environ,
-        MNIST_EXPORTED_DIR=str(EXPORTED),
-        MNIST_MODELS=",".join(models),
-        MNIST_WORKERS="2",
-        MNIST_MAX_BYTES=str(TEST_MAX_BYTES),
-    )
+    env = {
+        **os.environ,
+        "MNIST_EXPORTED_DIR": str(EXPORTED),
+        "MNIST_MODELS": ",".join(models),
+        "MNIST_WORKERS": "2",
+        "MNIST_MAX_BYTES": str(TEST_MAX_BYTES),
+        **env_overrides,
+    }
     start = time.monotonic()
     with log.open("wb") as out:
         process = subprocess.Popen(

@@ -7,6 +7,8 @@ import functools
 import io
 import json
 import math
+import re
+import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -15,7 +17,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import requests
-from conftest import TEST_MAX_BYTES, Digit, Server, model_file
+from conftest import TEST_MAX_BYTES, Digit, Server, model_file, serve
 from PIL import Image, ImageDraw, ImageFont
 
 from training import outliers
@@ -321,3 +323,44 @@ def test_client_mistakes_get_a_4xx_naming_them(server: Server, mnist_digits: lis
     # ...and the server still answers correctly.
     after = predict(server, mnist_digits[0])
     assert after.status_code == 200 and after.json()["digit"] == mnist_digits[0].label
+
+
+# -- the fast path (service/fastpath.py) and BentoML's own dispatch answer alike -------------------------
+
+
+@pytest.fixture(scope="module")
+def bentoml_dispatch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The service with every per-request feature of BentoML we turn off by default turned back on."""
+    log = tmp_path_factory.mktemp("dispatch") / "bentoml.log"
+    yield from serve(log, MNIST_FAST_PATH="0", MNIST_ACCESS_LOG="1", MNIST_TRACING="1", MNIST_WORKERS="1")
+
+
+SAME_ANSWER_CASES = ["not an image", "missing field", "malformed multipart", "too many bytes", "unknown model",
+                     "two images to /predict", "bad image in batch", "pixels wrong shape"]  # fmt: skip
+
+
+def test_bentoml_dispatch_answers_like_the_fast_path(
+    server: Server, bentoml_dispatch: Server, mnist_digits: list[Digit]
+) -> None:
+    for digit in mnist_digits[:5]:
+        fast, dispatched = predict(server, digit), predict(bentoml_dispatch, digit)
+        assert fast.status_code == dispatched.status_code == 200
+        assert fast.json() == dispatched.json()
+    batch = [("images", (d.name, d.png, "image/png")) for d in mnist_digits[:4]]
+    fast_batch = post(server, "/predict_batch", files=batch)
+    assert fast_batch.json() == post(bentoml_dispatch, "/predict_batch", files=batch).json()
+    for case in SAME_ANSWER_CASES:
+        path, kwargs, status, _ = CASES[case]
+        kwargs = {k: (v() if callable(v) else v) for k, v in kwargs.items()}
+        fast, dispatched = post(server, path, **kwargs), post(bentoml_dispatch, path, **kwargs)
+        assert fast.status_code == dispatched.status_code == status, case
+        assert fast.json() == dispatched.json(), case
+    # What the settings bring back: BentoML's request ID (its tracing span) and its access log line.
+    assert "x-bentoml-request-id" in predict(bentoml_dispatch, mnist_digits[0]).headers
+    assert "x-bentoml-request-id" not in predict(server, mnist_digits[0]).headers
+    deadline = time.monotonic() + 10
+    logged = re.compile(r"method=POST,path=/predict\b.*status=200")
+    while not logged.search(bentoml_dispatch.log.read_text(errors="replace")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert logged.search(bentoml_dispatch.log.read_text(errors="replace"))
+    assert not logged.search(server.log.read_text(errors="replace"))

@@ -1,0 +1,75 @@
+"""The API routes answered without BentoML's per-API dispatch (issue 14; measured in docs/benchmarks.md).
+
+For every request to an API method, BentoML 1.4 builds a request context, matches the path against each
+of its routes and mounts, parses the body through the method's input spec, binds the call's signature,
+runs output serialisation and attaches cleanup tasks to the response. For our endpoints all of that is
+work without effect: they read the body themselves (uploads.py) and return ready JSON. `FastPath` is an
+ASGI middleware (installed with `MNIST.add_asgi_middleware`) that sends `POST <api route>` straight to
+the service's handler for it, `handle_<api name>(request)`, the same function the BentoML API method
+calls. Everything outside it is untouched: BentoML's traffic metrics, tracing, access log, timeout and
+error middleware still wrap these requests; health routes, /metrics, /docs.json, the page and any other
+method or path go through BentoML as before. MNIST_FAST_PATH=0 turns it off (README, "Settings").
+
+BentoML's CORS middleware sits inside user middleware, so with MNIST_CORS_ORIGINS set the fast path
+answers through the same Starlette CORS middleware, with the same options.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any
+
+import bentoml
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+log = logging.getLogger(__name__)
+
+# What BentoML answers for an unexpected exception in an API method (its api_endpoint_wrapper).
+INTERNAL_ERROR = {"error": "An unexpected error has occurred, please check the server log."}
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+def handler_name(api_name: str) -> str:
+    """The service method that does the work of API method `api_name`."""
+    return f"handle_{api_name}"
+
+
+class FastPath:
+    """ASGI middleware: `POST` to a path in `routes` ({path: API method name}) goes to the current service
+    instance's handler for it; everything else to `app`."""
+
+    def __init__(self, app: ASGIApp, routes: Mapping[str, str], cors_origins: Sequence[str] = ()) -> None:
+        self.app = app
+        self.routes = {path: handler_name(name) for path, name in routes.items()}
+        self.dispatch: ASGIApp = self._dispatch
+        if cors_origins:
+            self.dispatch = CORSMiddleware(
+                self._dispatch, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                allow_headers=["Content-Type"],
+            )  # fmt: skip
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.routes:
+            await self.dispatch(scope, receive, send)
+        else:
+            await self.app(scope, receive, send)
+
+    async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
+        handle: Handler = getattr(bentoml.get_current_service(), self.routes[scope["path"]])
+        request = Request(scope, receive, send)
+        try:
+            response = await handle(request)
+        except Exception:  # a bug of ours: logged, answered as BentoML would, and the worker keeps serving
+            log.exception("%s %s failed", scope["method"], scope["path"])
+            response = JSONResponse(INTERNAL_ERROR, status_code=500)
+        await response(scope, receive, send)
+
+
+def api_routes(apis: Mapping[str, Any]) -> dict[str, str]:
+    """{route: API method name} for a BentoML service's `apis`."""
+    return {method.route: name for name, method in apis.items()}
