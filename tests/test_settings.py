@@ -18,6 +18,7 @@ def test_defaults() -> None:
     assert settings.max_pixels <= settings.max_request_pixels <= settings.max_inflight_pixels
     assert settings.body_timeout_s < settings.request_timeout_s
     assert settings.cors_origins == ()  # CORS is off unless origins are named
+    assert (settings.fast_path, settings.access_log, settings.tracing) == (True, False, False)
     assert settings.model_path("mnist-cnn").parts[-2:] == ("exported", "mnist-cnn.onnx")
 
 
@@ -38,6 +39,9 @@ def test_values_from_the_environment() -> None:
         "MNIST_HEADER_TIMEOUT_S": "1",
         "MNIST_KEEPALIVE_TIMEOUT_S": "30",
         "MNIST_CORS_ORIGINS": " https://a.example, ,https://b.example",
+        "MNIST_FAST_PATH": "off",
+        "MNIST_ACCESS_LOG": "1",
+        "MNIST_TRACING": " Yes ",
     }
     settings = Settings.from_env(env)
     assert settings.models == ("mnist-mlp", "mnist-cnn") and settings.default_model == "mnist-mlp"
@@ -49,6 +53,7 @@ def test_values_from_the_environment() -> None:
     assert (settings.request_timeout_s, settings.body_timeout_s) == (20.0, 2.5)
     assert (settings.header_timeout_s, settings.keepalive_timeout_s) == (1.0, 30.0)
     assert settings.cors_origins == ("https://a.example", "https://b.example")
+    assert (settings.fast_path, settings.access_log, settings.tracing) == (False, True, True)
 
 
 @pytest.mark.parametrize(
@@ -72,3 +77,8 @@ def test_values_from_the_environment() -> None:
 def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
         Settings.from_env(env)
+
+
+def test_a_flag_that_is_not_one_names_itself() -> None:
+    with pytest.raises(ValueError, match="MNIST_ACCESS_LOG='maybe' must be 1 or 0"):
+        Settings.from_env({"MNIST_ACCESS_LOG": "maybe"})
