@@ -196,13 +196,14 @@ def answered(ctx: bentoml.Context, response: JSONResponse) -> JSONResponse:
     return response
 
 
+API_ROUTES = api_routes(MNIST.apis)  # {route: API method name}
 if SETTINGS.fast_path:  # first of ours, so the outermost of them: the API routes skip the rest
-    MNIST.add_asgi_middleware(FastPath, routes=api_routes(MNIST.apis), cors_origins=SETTINGS.cors_origins)
+    MNIST.add_asgi_middleware(FastPath, routes=API_ROUTES, cors_origins=SETTINGS.cors_origins)
 MNIST.add_asgi_middleware(web.RelativeRedirects)  # Location without the client's Host (web.py)
 if not SETTINGS.tracing:
     # BentoML's OpenTelemetry middleware makes a span for every request even with no exporter configured;
     # excluded URLs skip it after one regex search. MNIST_TRACING=1 traces the API routes too.
     MNIST.config["tracing"] = {
         **MNIST.config.get("tracing", {}),
-        "excluded_urls": [re.escape(route) + r"(\?|$)" for route in api_routes(MNIST.apis)],
+        "excluded_urls": [re.escape(route) + r"(\?|$)" for route in API_ROUTES],
     }

@@ -127,11 +127,10 @@ async def _read_images(
         )
     body = await read_body(request, max_bytes)
     try:
-        # One more file than allowed, so that we, not the parser, report the limit.
-        parts = parse_multipart(body, request.headers["content-type"], max_files=max_files + 1)
+        parts = parse_multipart(body, request.headers["content-type"], max_files=max_files)
+    except TooManyFiles as exc:
+        raise RequestError(413, too_many) from exc
     except MultipartError as exc:
-        if str(exc).startswith("Too many files"):
-            raise RequestError(413, too_many) from exc
         raise RequestError(400, f"malformed multipart body: {exc}") from exc
     upload = Upload(fields=dict(request.query_params))
     for part in parts:
@@ -144,13 +143,15 @@ async def _read_images(
     if not upload.files:
         got = ", ".join(sorted({part.name for part in parts})) or "none"
         raise RequestError(400, f"missing file field {field!r} (fields received: {got})")
-    if len(upload.files) > max_files:
-        raise RequestError(413, too_many)
     return upload
 
 
 class MultipartError(ValueError):
     """The body is not the multipart/form-data its Content-Type says; str(e) says where it breaks."""
+
+
+class TooManyFiles(MultipartError):
+    """More file parts than the caller allows (the parser stops at the first one too many)."""
 
 
 @dataclass(frozen=True)
@@ -213,7 +214,7 @@ def parse_multipart(
         else:
             files += 1
             if files > max_files:
-                raise MultipartError(f"Too many files. Maximum number of files is {max_files}.")
+                raise TooManyFiles(f"Too many files. Maximum number of files is {max_files}.")
         parts.append(Part(name, filename, data))
         pos = data_end + 2 + len(delimiter)
     return parts

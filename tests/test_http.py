@@ -266,6 +266,10 @@ CASES = {
                              "field 'image' must be a file upload"),
     "malformed multipart": ("/predict", {"data": b"--x\r\nnonsense", "headers": {"Content-Type": MP}}, 400,
                             "malformed multipart body"),
+    "multipart cut short": ("/predict", {"data": b'--x\r\nContent-Disposition: form-data; name="image"; '
+                                                 b'filename="a.png"\r\n\r\n\x89PNG',
+                                         "headers": {"Content-Type": f"{MP}; boundary=x"}}, 400,
+                            "malformed multipart body: the body ends inside a part"),
     "too many bytes": ("/predict", {"files": {"image": ("big.png", b"\0" * (TEST_MAX_BYTES + 1))}}, 413,
                        f"the limit is {TEST_MAX_BYTES} bytes"),
     "too many bytes, chunked": ("/predict", {"data": too_big_chunks, "headers": {"Content-Type": "image/png"}},
@@ -355,6 +359,9 @@ def test_bentoml_dispatch_answers_like_the_fast_path(
         fast, dispatched = post(server, path, **kwargs), post(bentoml_dispatch, path, **kwargs)
         assert fast.status_code == dispatched.status_code == status, case
         assert fast.json() == dispatched.json(), case
+    # The fast path answered the default server's requests: BentoML's dispatch adds its Server header.
+    assert fast_batch.headers.get("server") is None
+    assert predict(bentoml_dispatch, mnist_digits[0]).headers["server"] == "BentoML Service/mnist"
     # What the settings bring back: BentoML's request ID (its tracing span) and its access log line.
     assert "x-bentoml-request-id" in predict(bentoml_dispatch, mnist_digits[0]).headers
     assert "x-bentoml-request-id" not in predict(server, mnist_digits[0]).headers
