@@ -7,6 +7,12 @@ Installed in each worker process by `harden_worker()` (service.py), before uvico
   Here every connection must deliver a request's headers within MNIST_HEADER_TIMEOUT_S of its start or
   of the end of its previous answer, or it is closed (with 408 if part of a request came).
 - **Keep-alive timeout** MNIST_KEEPALIVE_TIMEOUT_S (BentoML passes uvicorn a fixed 5 s).
+- **Lingering close.** When a connection is closed while its client may still be sending (headers cut off by
+  the header timeout, a body refused or timed out, a malformed request), closing the socket at once with
+  bytes unread, or arriving afterwards, makes the kernel answer with a reset, and the client's next send or
+  read fails before it has read our 408 or 400 (seen in CI: a slowloris test client lost its 408). Such a
+  connection is half-closed instead: the answer is sent and followed by a FIN, whatever else arrives is
+  discarded, and the socket is closed when the client closes its side, or after LINGER_S.
 - **Graceful drain** on SIGTERM. uvicorn stops accepting and closes every connection without a request in
   progress, so a connection accepted a moment earlier, whose request was still on the wire, was reset;
   and the supervisor kept the shared listening socket open ~0.4 s longer, so the kernel kept queueing
@@ -29,6 +35,7 @@ import os
 import signal
 import socket
 from asyncio import selector_events
+from collections.abc import Callable
 from typing import Any
 
 import h11
@@ -51,6 +58,43 @@ _REQUEST_TIMEOUT = (
 _DRAIN_SETTLE_S = 0.05
 _DRAIN_MAX = 65536  # connections accepted at most in the drain (the kernel's queue holds at most somaxconn)
 _PR_SET_PDEATHSIG = 1
+# How long a half-closed connection discards what its client still sends before it is closed (nginx's
+# lingering_timeout is 5 s; a client that has read its answer closes in well under a second).
+LINGER_S = 2.0
+
+
+class LingeringTransport:
+    """A connection's transport as uvicorn sees it: `close()` lingers while the client may still be sending
+    (module docstring); everything else is the transport's own."""
+
+    def __init__(self, transport: asyncio.Transport, still_sending: Callable[[], bool]) -> None:
+        self._transport = transport
+        self.write = transport.write  # once per answer: not through __getattr__
+        self._still_sending = still_sending
+        self._timer: asyncio.TimerHandle | None = None
+        self.lingering = False
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._transport, name)
+
+    def is_closing(self) -> bool:
+        return self.lingering or self._transport.is_closing()
+
+    def close(self) -> None:
+        transport = self._transport
+        if self.lingering or transport.is_closing() or not transport.can_write_eof() or not self._still_sending():
+            self.cancel()
+            transport.close()
+            return
+        self.lingering = True
+        transport.write_eof()  # after what is buffered: the client reads our answer, then end of stream
+        transport.resume_reading()  # read and discard, so that nothing is left unread at the close
+        self._timer = asyncio.get_running_loop().call_later(LINGER_S, transport.close)
+
+    def cancel(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
 
 
 class GuardedH11Protocol(H11Protocol):
@@ -74,11 +118,22 @@ class GuardedH11Protocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
+        self.transport = LingeringTransport(transport, self._client_may_be_sending)  # type: ignore[assignment]
         self._await_headers()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
+        self.transport.cancel()
         super().connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.transport.lingering:  # a half-closed connection's bytes are discarded
+            super().data_received(data)
+
+    def _client_may_be_sending(self) -> bool:
+        """Part of a request came and not all of it (or it was malformed): closing now would reset the
+        connection under the client's feet."""
+        return bool(self.conn.trailing_data[0]) or self.conn.their_state in (h11.SEND_BODY, h11.ERROR)
 
     def handle_events(self) -> None:
         super().handle_events()

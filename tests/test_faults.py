@@ -224,6 +224,32 @@ def test_a_body_trickling_in_gets_408(faults: LocalServer, mnist_digits: list[Di
     assert_still_answers(faults.url, mnist_digits)
 
 
+@pytest.mark.parametrize(
+    "start",
+    [
+        pytest.param(b"POST /predict HTTP/1.1\r\nHost: test\r\n", id="headers cut off"),
+        pytest.param(request_head("/predict", "image/png", 1000) + b"\x89PNG", id="body cut off"),
+    ],
+)
+def test_a_client_still_sending_after_its_408_reads_it_and_gets_a_clean_close(
+    faults: LocalServer, mnist_digits: list[Digit], start: bytes
+) -> None:
+    """Closed at once, the connection would be reset by the bytes that arrive after the close, and the
+    client's next send or read would fail before it had read its 408 (a CI run lost one so)."""
+    with socket.create_connection(("127.0.0.1", faults.port), timeout=TIMEOUT) as sock:
+        sock.sendall(start)
+        time.sleep(max(HEADER_TIMEOUT_S, BODY_TIMEOUT_S) + 0.5)  # the timeout passes; the 408 waits unread
+        for _ in range(3):  # what a slow client still had on the wire
+            sock.sendall(b"more")
+            time.sleep(0.1)
+        answer = b""
+        while chunk := sock.recv(65536):  # a reset raises ConnectionResetError here
+            answer += chunk
+    assert answer.startswith(b"HTTP/1.1 408 "), answer[:300]
+    assert b"connection: close" in answer.lower()
+    assert_still_answers(faults.url, mnist_digits)
+
+
 # -- 4. work is bounded up front, and stops when its client is gone ---------------------------------------
 
 
