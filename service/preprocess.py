@@ -42,6 +42,8 @@ _FORMAT_NAMES = "PNG, JPEG, GIF, BMP, WebP, TIFF"
 # the 3x3-smoothed image) to count as a digit: JPEG artefacts and sensor noise on blank paper stay below.
 MIN_CONTRAST = 0.1
 MIN_NOISE_SIGMAS = 6.0
+# The border's noise is measured on stretches of this many pixels (see _noise).
+NOISE_STRETCH = 64
 # Mask for the bounding box: smoothed ink above this fraction of the contrast.
 MASK_LEVEL = 0.3
 # Ink values are stretched so that LOW..HIGH (fractions of the contrast) maps to 0..1: paper texture below
@@ -247,9 +249,7 @@ def _analyse(image: Image.Image) -> _Page:
     smooth = _smooth3(gray)
     border = segment.border(gray)
     background = float(np.median(border))
-    # Noise of the smoothed image, from the median absolute deviation of the raw border (robust to ink
-    # that touches the border), divided by 3 for the 3x3 mean.
-    noise = 1.4826 * float(np.median(np.abs(border - background))) / 3.0
+    noise = _noise(border) / 3.0  # of the 3x3 mean
     # Polarity: the ink is whichever side of the paper's level has the larger excursion. Dark ink on
     # light paper gets inverted, so the ink is bright as in MNIST (and a shadow becomes a bright region).
     if background - float(smooth.min()) > float(smooth.max()) - background:
@@ -390,6 +390,22 @@ def _composite(gray: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     uniform = opaque.size == 0 or float(opaque.max()) - float(opaque.min()) < 0.25
     background = 0.0 if ink > 0.5 and uniform else 1.0
     return gray * alpha + background * (1.0 - alpha)
+
+
+def _noise(border: np.ndarray) -> float:
+    """The sensor noise (sigma) of the paper along the page's border.
+
+    From the median absolute deviation of short stretches of the border, each about its own median, and the
+    lower quartile of those: ink or a ruled line that touches the border, a shadow's step or a gradient along
+    it raise some stretches' deviation, not most of them. (One deviation over the whole border took squared
+    paper's dense grid for noise, 30 times the real one, and refused the digit on it as "too little contrast".)
+    """
+    count = border.size // NOISE_STRETCH
+    if count < 4:
+        return 1.4826 * float(np.median(np.abs(border - np.median(border))))
+    stretches = border[: count * NOISE_STRETCH].reshape(count, NOISE_STRETCH)
+    deviation = np.median(np.abs(stretches - np.median(stretches, axis=1, keepdims=True)), axis=1)
+    return 1.4826 * float(np.percentile(deviation, 25))
 
 
 def _smooth3(gray: np.ndarray) -> np.ndarray:

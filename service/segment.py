@@ -160,13 +160,25 @@ def remove_lines(mask: np.ndarray) -> np.ndarray:
     # Across a horizontal line the ink is as thick as the line, except where a stroke crosses it or lies along it:
     # there it is thicker, and it stays. (Measured without the other direction's lines, so that the crossings
     # of squared paper's own lines go too.)
-    stroke = horizontal & _thicker_than_lines(mask & ~vertical, horizontal)
-    stroke |= vertical & _thicker_than_lines((mask & ~horizontal).T, vertical.T).T
-    return (horizontal | vertical) & ~stroke
+    across, thick_h = _thicker_than_lines(mask & ~vertical, horizontal)
+    down, thick_v = _thicker_than_lines((mask & ~horizontal).T, vertical.T)
+    lines = (horizontal & ~across) | (vertical & ~down.T)
+    # A stroke no thicker than the lines (a fine 1 across a ruled line), or two lines crossing inside a bold
+    # stroke (each test above saw the stroke cut by the other line), would leave a gap in the digit: line
+    # pixels with kept ink on both sides across the line, within about a line's thickness (and the tilt
+    # tolerated), belong to the stroke. A loop or a gap in a digit is wider than that and stays open.
+    kept = mask & ~lines
+    # (The pixels taken for a line span its band and the tilt tolerated on each side, and one more.)
+    reach = round(max(thick_h, thick_v)) + 2 * max(1, max(mask.shape) // TILT_PIXELS) + 4
+    both_v = _spread(kept, reach, 0, True) & _spread(kept, reach, 0, False)
+    both_h = _spread(kept, reach, 1, True) & _spread(kept, reach, 1, False)
+    bridged = (horizontal & both_v) | (vertical & both_h)
+    return lines & ~bridged
 
 
-def _thicker_than_lines(mask: np.ndarray, lines: np.ndarray) -> np.ndarray:
-    """Where the vertical extent of the ink (its run down the column) is well above that of the lines' pixels."""
+def _thicker_than_lines(mask: np.ndarray, lines: np.ndarray) -> tuple[np.ndarray, float]:
+    """Where the vertical extent of the ink (its run down the column) is well above that of the lines' pixels,
+    and the lines' typical extent (their thickness)."""
     _, starts, stops = _runs(mask.T)
     lengths = stops - starts
     extent = np.zeros(mask.T.shape, np.int32)
@@ -174,9 +186,9 @@ def _thicker_than_lines(mask: np.ndarray, lines: np.ndarray) -> np.ndarray:
     extent = extent.T
     on_lines = extent[lines & mask]
     if on_lines.size == 0:
-        return np.zeros_like(mask)
+        return np.zeros_like(mask), 0.0
     typical = float(np.median(on_lines))
-    return extent > 1.5 * typical + 1
+    return extent > 1.5 * typical + 1, typical
 
 
 def glyphs(ink: np.ndarray, mask: np.ndarray) -> list[Glyph]:
@@ -251,9 +263,12 @@ def digit_sized(found: list[Glyph], page: tuple[int, int]) -> list[Glyph]:
     found = [g for g in found if max(g.height, g.width) >= smallest]
     if not found:
         return []
-    tallest = max(g.height for g in found)
+    # Ink first, then height among what is left: a faint line's fragment can be taller than the digit, but
+    # it is far lighter, and it must not make the digit look too short to count.
     heaviest = max(g.mass for g in found)
-    return [g for g in found if g.height >= DIGIT_HEIGHT * tallest and g.mass >= DIGIT_MASS * heaviest]
+    found = [g for g in found if g.mass >= DIGIT_MASS * heaviest]
+    tallest = max(g.height for g in found)
+    return [g for g in found if g.height >= DIGIT_HEIGHT * tallest]
 
 
 def _lines_of_text(tops: np.ndarray, bottoms: np.ndarray) -> list[tuple[int, int]]:

@@ -274,6 +274,20 @@ def test_ruled_and_squared_paper_lines_are_not_ink(digits: np.ndarray, squared: 
     )
 
 
+def test_the_noise_of_the_paper_is_measured_past_lines_on_the_border() -> None:
+    from service.preprocess import _noise
+
+    rng = np.random.default_rng(0)
+    # Stretches of the border on bare paper, along a line, and across a line's blurred edges (as on squared
+    # paper with lines every few pixels): the median falls between paper and line.
+    paper = [rng.normal(0.9, 0.01, 64) for _ in range(28)]
+    line = [rng.normal(0.4, 0.01, 64) for _ in range(25)]
+    edges = [rng.uniform(0.4, 0.9, 64) for _ in range(12)]
+    border = np.concatenate([paper[i] if i < 28 else (line + edges)[i - 28] for i in rng.permutation(65)])
+    assert 0.007 < _noise(border) < 0.014
+    assert 1.4826 * np.median(np.abs(border - np.median(border))) > 0.2  # what one deviation over it all says
+
+
 @pytest.mark.parametrize("axis", [0, 1], ids=["horizontal", "vertical"])
 def test_a_line_alone_is_no_digit(axis: int) -> None:
     sheet = np.full((300, 400), 240, np.uint8)

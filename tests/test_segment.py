@@ -105,6 +105,28 @@ def test_ruled_lines_are_removed_where_no_stroke_crosses_them() -> None:
     assert not lines[20:200, 200:208].any()
 
 
+def test_squared_paper_crossings_inside_a_stroke_stay_and_bare_ones_go() -> None:
+    mask = np.zeros((300, 400), bool)
+    mask[20::40, :] = mask[21::40, :] = mask[22::40, :] = True  # squared paper, 3 px lines every 40 px
+    mask[:, 20::40] = mask[:, 21::40] = mask[:, 22::40] = True
+    mask[90:180, 90:200] = True  # a bold stroke over four crossings, e.g. (100, 100)
+    lines = segment.remove_lines(mask)
+    assert not lines[90:180, 90:200].any()  # before: the crossings inside it were cut out (holes in the digit)
+    assert lines[20:23, 20:23].all() and lines[260:263, 340:343].all()  # crossings on bare paper go
+    assert lines[60:63, :80].all() and lines[:80, 300:303].all()
+
+
+def test_a_stroke_along_a_line_is_not_cut_where_it_crosses_another() -> None:
+    mask = np.zeros((300, 400), bool)
+    mask[50::60, :] = mask[51::60, :] = mask[52::60, :] = True  # ruled lines, 3 px
+    mask[:, 120:123] = True  # a margin line, 3 px
+    mask[100:200, 119:125] = True  # a fine 1 written on the margin line, down across the ruled line at 110
+    lines = segment.remove_lines(mask)
+    assert not lines[100:200, 119:125].any()  # before: cut at the crossing (a 1 in two pieces)
+    assert lines[110:113, :110].all() and lines[110:113, 135:].all()
+    assert lines[:90, 120:123].all() and lines[210:, 120:123].all()
+
+
 def test_a_long_stroke_that_does_not_cross_the_page_is_no_line() -> None:
     mask = np.zeros((300, 400), bool)
     mask[30:270, 195:203] = True  # a tall 1 on a canvas, not touching the edges
