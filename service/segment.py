@@ -75,6 +75,8 @@ PAIR_CUTS = 3
 PAIR_MARGIN = 0.15
 DIGIT_WIDTH = 0.7
 CUT_SEARCH = 0.3
+# A path cut between touching digits pays this (in pixels of ink) per step sideways: it bends only to save ink.
+SLANT_COST = 0.1
 
 
 @dataclass(frozen=True)
@@ -297,7 +299,9 @@ def touching_cuts(glyph: Glyph, row: list[Glyph]) -> list[list[Glyph]]:
 
     As many digits as its width holds at DIGIT_WIDTH of the row's usual height, each cut at the column of least
     ink near where an even split would put it; and for two, also the cuts at the next-thinnest columns anywhere in
-    its middle (a 1 touching a 6 is cut near its edge, not its middle). Whether any is right is the model's call.
+    its middle (a 1 touching a 6 is cut near its edge, not its middle); between its pieces, where it is several
+    (digits that overlap without touching); and along the path of least ink near each cut (digits that touch at a
+    slant, where no straight column parts them). Whether any is right is the model's call.
     """
     height = max(float(np.median([g.height for g in row])), glyph.height)
     if glyph.width <= TOUCHING_WIDTH * height:
@@ -325,7 +329,71 @@ def touching_cuts(glyph: Glyph, row: list[Glyph]) -> list[list[Glyph]]:
         parts = [part for part in parts if part is not None]
         if len(parts) >= 2:
             out.append(parts)
+    # Digits that overlap without touching are separate pieces: split between them, whatever their boxes do.
+    out += _piece_splits(glyph, height)
+    # Digits that touch at a slant: cut along the path through the least ink, not down a straight column.
+    # For two, the path may start anywhere in the middle, as the thinnest columns may.
+    for anchors, reach in [(cuts[1:], round(CUT_SEARCH * step))] + (
+        [([glyph.width // 2], round((0.5 - PAIR_MARGIN) * glyph.width))] if count == 2 else []
+    ):
+        path = _path_cut(glyph, anchors, reach)
+        if path is not None:
+            out.append(path)
     return out
+
+
+def _piece_splits(glyph: Glyph, height: float) -> list[list[Glyph]]:
+    """The glyph's pieces (8-connected) parted into a left and a right group by their centres, where both groups
+    are tall enough to be digits (a 5's hat alone is not)."""
+    runs = _runs(glyph.mask)
+    labels, count = _label(runs, glyph.width)
+    if count < 2 or count > MAX_PIECES:
+        return []
+    _, starts, stops = runs
+    lengths = (stops - starts).astype(np.float64)
+    area = np.bincount(labels, weights=lengths, minlength=count)
+    centre = np.bincount(labels, weights=lengths * (starts + stops) / 2, minlength=count) / area
+    order = np.argsort(centre)
+    out = []
+    for k in range(1, count):
+        left = np.isin(labels, order[:k])
+        parts = [_part(glyph, _paint(runs, chosen, (0, 0, glyph.height, glyph.width))) for chosen in (left, ~left)]
+        if all(p is not None and p.height >= DIGIT_HEIGHT * height for p in parts):
+            out.append(parts)
+    return out[:PAIR_CUTS]
+
+
+def _path_cut(glyph: Glyph, anchors: list[int], reach: int) -> list[Glyph] | None:
+    """The glyph cut top to bottom near each anchor column along the path that crosses the least ink (a step
+    sideways per row at most, a little dearer than straight on), or None if a part comes out empty."""
+    mask = glyph.mask
+    sides = []
+    for anchor in anchors:
+        lo, hi = max(0, anchor - reach), min(glyph.width, anchor + reach + 1)
+        ink = mask[:, lo:hi].astype(np.float64)
+        cost = ink[0].copy()
+        moves = np.zeros(ink.shape, np.int8)
+        for y in range(1, ink.shape[0]):
+            left = np.concatenate([[np.inf], cost[:-1]]) + SLANT_COST
+            right = np.concatenate([cost[1:], [np.inf]]) + SLANT_COST
+            options = np.stack([left, cost, right])
+            step = options.argmin(axis=0)
+            cost = options[step, np.arange(cost.size)] + ink[y]
+            moves[y] = step - 1
+        x = int(cost.argmin())
+        column = np.empty(ink.shape[0], np.int64)
+        for y in range(ink.shape[0] - 1, -1, -1):
+            column[y] = x
+            x += int(moves[y, x])
+        sides.append(np.arange(glyph.width)[None, :] < (lo + column)[:, None])
+    parts, taken = [], np.zeros(mask.shape, bool)
+    for side in [*sides, np.ones(mask.shape, bool)]:
+        part = _part(glyph, mask & side & ~taken)
+        taken |= side
+        if part is None:
+            return None
+        parts.append(part)
+    return parts
 
 
 def reading_order(found: list[Glyph]) -> list[list[Glyph]]:
@@ -347,7 +415,14 @@ def reading_order(found: list[Glyph]) -> list[list[Glyph]]:
 
 def _trimmed(glyph: Glyph, start: int, stop: int) -> Glyph | None:
     """Columns start:stop of a glyph, trimmed to its ink (None where there is none)."""
-    mask = glyph.mask[:, start:stop]
+    mask = np.zeros_like(glyph.mask)
+    mask[:, start:stop] = glyph.mask[:, start:stop]
+    return _part(glyph, mask)
+
+
+def _part(glyph: Glyph, mask: np.ndarray) -> Glyph | None:
+    """The pixels of `mask` (a subset of the glyph's, in its box) as a glyph of their own, trimmed to their ink
+    (None where there is none)."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if rows.size == 0:
         return None
@@ -355,7 +430,7 @@ def _trimmed(glyph: Glyph, start: int, stop: int) -> Glyph | None:
     share = float(mask.sum()) / max(1.0, float(glyph.mask.sum()))
     return Glyph(
         glyph.top + int(rows[0]),
-        glyph.left + start + int(cols[0]),
+        glyph.left + int(cols[0]),
         mask.shape[0],
         mask.shape[1],
         mask,

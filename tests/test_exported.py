@@ -15,9 +15,9 @@ from training.export import REQUIRED_METADATA, file_sha256
 EXPORTED = Path(__file__).resolve().parent.parent / "exported"
 INDEX = json.loads((EXPORTED / "models.json").read_text())["models"]
 # The floors the shipped models must not fall below. The CNN retrained for issue 11 (rotations to 30 degrees,
-# stroke thickness, elastic distortion, outlier exposure) measured 99.42%, down from 99.53%: the floor follows it
-# until the 99.7% recipe lands (issue 11 is still open on that).
-TARGETS = {"mnist-cnn": 0.994, "mnist-mlp": 0.985}
+# stroke thickness, elastic distortion, outlier exposure) measured 99.42%, down from 99.53%; with weight averaging and
+# 18 epochs, 99.50%. The floor follows it until the 99.7% recipe lands (issue 11 is still open on that).
+TARGETS = {"mnist-cnn": 0.995, "mnist-mlp": 0.985}
 # Issue 11: every shipped float model calibrated to this test-set ECE (15 bins); "not a digit" separating the
 # held-out non-digits from the test digits with this AUROC, flagging at most this share of the digits.
 MAX_ECE = 0.015

@@ -159,3 +159,42 @@ def test_reading_order_puts_rows_top_to_bottom(digits: np.ndarray) -> None:
     rows = segment.reading_order(segment.glyphs(page, page > 0.3))
     assert [len(row) for row in rows] == [2, 1]
     assert rows[0][0].left < rows[0][1].left and rows[1][0].top > rows[0][0].bottom
+
+
+def test_digits_touching_at_a_slant_are_cut_along_a_path_not_a_column(digits: np.ndarray) -> None:
+    def slanted(digit: np.ndarray) -> np.ndarray:
+        # 100x100, sheared so its top leans 40 px right: like fast handwriting.
+        image = Image.fromarray(digit).resize((100, 100))
+        image = image.transform((140, 100), Image.Transform.AFFINE, (1, 0.4, -40, 0, 1, 0), Image.Resampling.BILINEAR)
+        return np.asarray(image, np.float32) / 255
+
+    a, b = slanted(digits[0]), slanted(digits[1])
+    page = np.zeros((120, 220), np.float32)
+    page[10:110, 10:150] = a
+    page[10:110, 55:195] = np.maximum(page[10:110, 55:195], b)  # a slanted 7 (digits[0]) leaning over the 2 beside it
+    own_a, own_b = np.zeros(page.shape, bool), np.zeros(page.shape, bool)
+    own_a[10:110, 10:150], own_b[10:110, 55:195] = a > 0.3, b > 0.3
+    assert not (own_a & own_b).any()  # they do not overlap, ...
+    mask = page > 0.3
+    mask[58:62, 60:135] = True  # ... but a stroke joins them
+    rows = segment.reading_order(segment.glyphs(page, mask))
+    (glyph,) = rows[0]
+
+    def right(parts: list[segment.Glyph]) -> bool:
+        """Each part holds at least 95% of one digit's ink, in order."""
+        if len(parts) != 2:
+            return False
+        held = []
+        for part, own in zip(parts, (own_a, own_b), strict=True):
+            box = np.zeros(page.shape, bool)
+            box[part.top : part.bottom, part.left : part.right] = part.mask
+            held.append((box & own).sum() / own.sum())
+        return min(held) >= 0.95
+
+    # No straight cut does it (the digits' boxes overlap by more than their slant leaves free) ...
+    columns = [
+        [segment._trimmed(glyph, 0, c), segment._trimmed(glyph, c, glyph.width)] for c in range(1, glyph.width - 1)
+    ]
+    assert not any(right(parts) for parts in columns)
+    # ... but one of the cuts offered to the model does.
+    assert any(right(parts) for parts in segment.touching_cuts(glyph, rows[0]))
