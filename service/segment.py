@@ -80,6 +80,11 @@ SLANT_COST = 0.1
 # Those cuts (and the splits between pieces) are tried only on glyphs wider than this times the row's height: each
 # is rendered and classified, and most single digits are narrower (MNIST's median width is 0.8 of the height).
 SHAPED_CUTS_WIDTH = 0.85
+# Two glyphs on one line make a number (refused by /predict) only when the smaller one's larger side is at least
+# this fraction of the other's: the digits of one number are written at one size (MNIST's shortest, a flat 2 or
+# 5, still span 0.75 of their neighbour on the benchmark's pages), while a tick, a dash or a stray pen stroke
+# beside a digit is smaller (0.6-0.7 of it).
+SAME_SIZE = 0.7
 
 
 @dataclass(frozen=True)
@@ -450,11 +455,13 @@ def _part(glyph: Glyph, mask: np.ndarray) -> Glyph | None:
 
 
 def side_by_side(found: list[Glyph]) -> bool:
-    """Whether at least two of the glyphs stand next to each other on one line (a number, not a digit)."""
+    """Whether at least two of the glyphs, of about one size, stand next to each other on one line (a number,
+    not a digit)."""
     for i, a in enumerate(found):
         for b in found[i + 1 :]:
             overlap = min(a.bottom, b.bottom) - max(a.top, b.top)
-            if overlap > 0.5 * min(a.height, b.height):
+            sizes = sorted((max(a.height, a.width), max(b.height, b.width)))
+            if overlap > 0.5 * min(a.height, b.height) and sizes[0] >= SAME_SIZE * sizes[1]:
                 return True
     return False
 

@@ -310,6 +310,21 @@ def test_a_margin_line_and_a_stray_stroke_are_left_out(digits: np.ndarray) -> No
     check_all(digits, make)
 
 
+def test_a_stroke_beside_the_digit_on_its_line_is_not_a_second_digit(digits: np.ndarray) -> None:
+    # A bar 0.55 of the digit's height, level with it: tall and heavy enough to be a glyph, but a tick or a stray
+    # stroke, not the second digit of a number (those are written at one size), so /predict reads the digit.
+    def make(digit: np.ndarray) -> bytes:
+        big = enlarge(digit, 160)
+        rows = np.flatnonzero(big.max(axis=1) > 0)
+        sheet = on_paper(big, (400, 500), 150, 150)
+        bar = int(0.55 * (rows[-1] - rows[0] + 1))
+        middle = 150 + (rows[0] + rows[-1]) // 2
+        sheet[middle - bar // 2 : middle + bar // 2, 380:390] = 20
+        return encode(Image.fromarray(sheet))
+
+    check_all(digits, make)
+
+
 def test_a_digit_broken_into_pieces_is_one_digit(digits: np.ndarray) -> None:
     # A gap cut across the digit (a lifted pen, a 5's hat, a 7's bar): the pieces are one digit, not several.
     def make(digit: np.ndarray) -> bytes:
@@ -348,6 +363,16 @@ def test_several_digits_side_by_side_are_refused(digits: np.ndarray, count: int)
     row = np.concatenate([np.pad(enlarge(d, 100), ((0, 0), (10, 10))) for d in digits[:count]], axis=1)
     data = encode(Image.fromarray(on_paper(row, (300, row.shape[1] + 100), 100, 50)))
     with pytest.raises(ImageError, match=f"found {count} digits side by side.*/read") as caught:
+        preprocess(data, **LIMITS)
+    assert caught.value.status == 422
+
+
+def test_a_smaller_second_digit_is_still_a_number(digits: np.ndarray) -> None:
+    # The second digit written at 80% of the first's size: still two digits side by side, refused.
+    second = np.pad(enlarge(digits[1], 80), ((10, 10), (10, 10)))
+    row = np.concatenate([np.pad(enlarge(digits[0], 100), ((0, 0), (10, 10))), second], axis=1)
+    data = encode(Image.fromarray(on_paper(row, (300, row.shape[1] + 100), 100, 50)))
+    with pytest.raises(ImageError, match="found 2 digits side by side") as caught:
         preprocess(data, **LIMITS)
     assert caught.value.status == 422
 
