@@ -159,10 +159,11 @@ def to_mnist(image: Image.Image) -> np.ndarray:
     if page.passed is not None:
         return page.passed
     digits = _digits(page)
-    if len(digits) > 1 and segment.side_by_side(digits):
+    number = segment.side_by_side(digits)
+    if number:
         raise ImageError(
             422,
-            f"found {len(digits)} digits side by side; /predict reads one digit per image: "
+            f"found {len(number)} digits side by side; /predict reads one digit per image: "
             "send the whole number to /read, or one digit per image",
         )
     return _render(page, max(digits, key=lambda g: g.mass))

@@ -454,16 +454,18 @@ def _part(glyph: Glyph, mask: np.ndarray) -> Glyph | None:
     )
 
 
-def side_by_side(found: list[Glyph]) -> bool:
-    """Whether at least two of the glyphs, of about one size, stand next to each other on one line (a number,
-    not a digit)."""
+def side_by_side(found: list[Glyph]) -> list[Glyph]:
+    """The glyphs that stand next to another of about their size on one line: the digits of a number (empty for
+    one digit, with or without marks beside it)."""
+    paired = set()
     for i, a in enumerate(found):
-        for b in found[i + 1 :]:
+        for j in range(i + 1, len(found)):
+            b = found[j]
             overlap = min(a.bottom, b.bottom) - max(a.top, b.top)
             sizes = sorted((max(a.height, a.width), max(b.height, b.width)))
             if overlap > 0.5 * min(a.height, b.height) and sizes[0] >= SAME_SIZE * sizes[1]:
-                return True
-    return False
+                paired |= {i, j}
+    return [found[k] for k in sorted(paired)]
 
 
 # --- helpers -------------------------------------------------------------------------------------------
