@@ -25,7 +25,12 @@ def centre_of_mass(image: np.ndarray) -> tuple[float, float]:
     return (values.sum(1) @ np.arange(28)) / total, (values.sum(0) @ np.arange(28)) / total
 
 
-@pytest.mark.parametrize("which", ["training_set", "held_out"])
+@pytest.fixture(scope="module")
+def pairs() -> np.ndarray:
+    return outliers.touching_pairs(load_arrays()["train-images-idx3-ubyte"][:1000], 300, seed=0)
+
+
+@pytest.mark.parametrize("which", ["training_set", "held_out", "pairs"])
 def test_images_are_in_mnist_format(which: str, request: pytest.FixtureRequest) -> None:
     images = request.getfixturevalue(which)
     images = images[0] if isinstance(images, tuple) else images
@@ -74,3 +79,23 @@ def test_a_missing_font_names_the_package(monkeypatch: pytest.MonkeyPatch, tmp_p
     monkeypatch.setattr(outliers, "FONT_DIR", tmp_path)
     with pytest.raises(outliers.FontError, match="fonts-dejavu-core"):
         outliers.training_outliers(5, seed=0)
+
+
+def test_touching_pairs_are_two_digits_wide_and_reproducible(pairs: np.ndarray) -> None:
+    digits = load_arrays()["train-images-idx3-ubyte"][:1000]
+    again = outliers.touching_pairs(digits, 300, seed=0)
+    assert np.array_equal(pairs, again)
+    assert not np.array_equal(pairs, outliers.touching_pairs(digits, 300, seed=1))
+
+    def aspect(images: np.ndarray) -> np.ndarray:
+        ink = images > 40
+        height = ink.any(axis=2).sum(axis=1)
+        return ink.any(axis=1).sum(axis=1) / np.maximum(height, 1)
+
+    # Two digits side by side fill the 20x20 box across, where one digit is taller than wide.
+    assert np.median(aspect(pairs)) > 1.0 > np.median(aspect(digits))
+    # One blob of ink, as the segmenter would find it: every column between the first and the last inked one
+    # has ink (the digits touch or overlap).
+    for image in pairs[:100]:
+        cols = np.flatnonzero((image > 0).any(axis=0))
+        assert (image[:, cols[0] : cols[-1] + 1] > 0).any(axis=0).all()

@@ -62,6 +62,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         patience=args.patience,
         label_smoothing=args.label_smoothing,
         outliers=0 if args.no_outliers else None,
+        pairs=args.pairs,
     )
     from training.data import load_mnist
 
@@ -110,6 +111,11 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         print(f"  MNIST test digits wrongly flagged: {100 * ood['digits_flagged']:.2f}%")
         for family, share in ood["flagged_by_family"].items():
             print(f"    {family}: {100 * share:.1f}% flagged")
+        pairs = ood["touching_pairs"]
+        print(
+            f"  touching pairs of test digits ({pairs['count']}): {100 * pairs['flagged']:.1f}% not_a_digit, "
+            f"{100 * pairs['not_ok']:.1f}% not ok (uncertain or not_a_digit)"
+        )
     if args.reliability:
         if "reliability" not in result:
             raise ValueError(f"{path} has no temperature metadata: nothing to compare")
@@ -165,7 +171,12 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--no-augment", action="store_true", help="turn batch augmentation off")
     t.add_argument("--label-smoothing", type=float, help="label smoothing of the digit loss (default: 0)")
     t.add_argument("--no-outliers", action="store_true", help="turn outlier exposure (non-digit images) off")
-    t.add_argument("--patience", type=int, help="early stopping patience in epochs (default: 5)")
+    t.add_argument(
+        "--pairs", type=int, help="touching digit pairs among the outliers (default: the model's recipe; 0: none)"
+    )
+    t.add_argument(
+        "--patience", type=int, help="early stopping patience in epochs, counted in the second half (default: 5)"
+    )
     t.add_argument("--seed", type=int, help="seed for split, init and batches (default: 0)")
     t.add_argument("--val-size", type=int, help="validation images held out of the training set (default: 5000)")
     t.add_argument("--train-subset", type=int, help="train on only this many images (quick runs)")

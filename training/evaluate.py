@@ -151,4 +151,16 @@ def evaluate_onnx(path: Path, data_dir: Path | None = None, ood: bool = False) -
         result["ood"]["flagged_by_family"] = {
             family: float((other_scores[names == family] < threshold).mean()) for family in dict.fromkeys(families)
         }
+        # Two *test* digits touching, made into one image: what /read asks the model about before it cuts them, and
+        # what /predict gets when a client sends a number. The honest answer is "not one digit".
+        from training.outliers import touching_pairs
+
+        pairs = touching_pairs(arrays["t10k-images-idx3-ubyte"], 2000, seed=12345)
+        pair_probabilities, pair_logits = onnx_outputs(session, pairs)
+        uncertain = float(meta.get("uncertain_threshold", 1.0))
+        result["ood"]["touching_pairs"] = {
+            "count": len(pair_probabilities),
+            "flagged": float((digit_score(pair_logits, kind) < threshold).mean()),
+            "not_ok": float((pair_probabilities.max(axis=1) < uncertain).mean()),
+        }
     return result
