@@ -10,7 +10,7 @@ import torch
 
 from training.data import load_mnist, normalise
 from training.evaluate import load_checkpoint
-from training.train import default_recipe, pick_device, train
+from training.train import default_recipe, pick_device, stop_early, train
 
 
 @pytest.fixture(scope="module")
@@ -102,3 +102,15 @@ def test_the_checkpoint_holds_the_weights_that_won_on_validation(tmp_path: Path)
         val = (model(normalise(data.val_images)).argmax(1) == data.val_labels).float().mean().item()
     # Whichever won (raw or averaged), the file holds it: its validation accuracy is the one recorded.
     assert val == pytest.approx(run.metrics["best_val_accuracy"], abs=1e-4)
+
+
+def test_early_stopping_waits_for_the_schedules_second_half() -> None:
+    recipe = default_recipe("cnn", epochs=24, patience=5)
+    # Best at epoch 8, five epochs without a better one by epoch 13: still the first half (the rate is high), go on.
+    assert not stop_early(13, 8, recipe)
+    # From epoch 12 on they count: five of them by epoch 17.
+    assert not stop_early(16, 8, recipe)
+    assert stop_early(17, 8, recipe)
+    # A best in the second half restarts the count.
+    assert not stop_early(24, 20, recipe)
+    assert stop_early(23, 18, recipe)
