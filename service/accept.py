@@ -1,4 +1,4 @@
-"""Spread incoming connections over the worker processes, without starving the listen queue.
+"""Spread incoming connections over the worker processes, evenly, without starving the listen queue.
 
 BentoML's workers share one listening socket. asyncio's accept handler takes up to `backlog` (BentoML:
 2048) pending connections each time the socket is readable, so when clients open their connections
@@ -9,15 +9,21 @@ and the other workers idle for the connections' whole life (BentoML issue #5426)
 Accepting one connection per wake-up fixed that (149 requests/s), but starved a big burst: with 5,000
 connections arriving at once, a busy worker's loop accepted one per turn and 1,150-1,830 of them sat in the
 listen queue for the whole 20-30 s run: under that load one turn of a worker's loop serves every request
-ready on its connections and lasts seconds. So a wake-up now looks at the queue's length (TCP_INFO of a
+ready on its connections and lasts seconds. So a wake-up looks at the queue's length (TCP_INFO of a
 listening socket reports it): up to BURST connections waiting (a pool of keep-alive connections opened
-together), it still takes one, so the workers take turns; beyond, it takes its share, queued / workers,
-and the queue drains in a few turns (measured: docs/benchmarks.md, "Chaos"). Taking a share of a small queue
-instead split a pool of 16 as 8, 4, 2, 1... to the worker that woke first (measured: 1 worker did all).
+together), it takes one, so the workers take turns; beyond, it takes its share, queued / workers, and the
+queue drains in a few turns (measured: docs/benchmarks.md, "Chaos"). Taking a share of a small queue instead
+split a pool of 16 as 8, 4, 2, 1... to the worker that woke first (measured: 1 worker did all).
 
-It is a mitigation, not a balancer: connections that arrive one by one can still all land on the worker
-that wakes first (the real fix, one SO_REUSEPORT socket per worker, belongs in BentoML). Only asyncio's own
-event loop is patched (uvloop, if installed, has its own accept loop and is left alone).
+Taking turns is still a race: whichever worker the kernel wakes first wins it. Measured, 2 workers, wrk's 16
+keep-alive connections, 8 runs: splits of 16/0 (twice: half the throughput), 13/3, 11/5, 9/7 and 8/8 (three
+times); the worker with more connections sets the p99. So the workers also publish how many connections each
+holds (`ConnectionTable`, one slot per worker in a small shared file), and a worker that holds more than
+another lets a small queue's connection go to it: it stops watching the socket for DEFER_S, then looks again.
+A worker never defers a connection for longer than MAX_WAIT_S, so a busy, stuck or dead worker delays new
+connections by at most that (nginx's `accept_disabled` is the same idea, per worker, without the table).
+
+Only asyncio's own event loop is patched (uvloop, if installed, has its own accept loop and is left alone).
 """
 
 from __future__ import annotations
@@ -25,9 +31,15 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import mmap
+import os
 import socket
 import struct
+import tempfile
+import time
 from asyncio import selector_events
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -35,11 +47,17 @@ log = logging.getLogger(__name__)
 _PATCHED = "_mnist_fair_share_accept"
 # Up to this many waiting connections, a wake-up accepts one; beyond, queued / workers.
 BURST = 64
+# A worker with more connections than another stops watching the socket this long, so the other accepts...
+DEFER_S = 0.001
+# ...but a connection it could take waits at most this long for the other worker: then it is taken anyway.
+MAX_WAIT_S = 0.02
 # struct tcp_info: eight one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked. On a listening socket
 # Linux reports the accept queue's length in tcpi_unacked.
 _TCPI_UNACKED = struct.Struct("=I")
 _TCPI_UNACKED_OFFSET = 24
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
+_SLOT = struct.Struct("=q")  # one worker's open connections; -1: the worker stopped accepting
+GONE = -1
 
 
 def queued_connections(sock: socket.socket) -> int:
@@ -58,14 +76,86 @@ def per_wakeup(queued: int, workers: int) -> int:
     return 1 if queued <= BURST else queued // workers
 
 
+def should_defer(mine: int, others: Sequence[int], waited_s: float) -> bool:
+    """Whether a worker holding `mine` connections leaves a waiting one to the others (their counts; GONE for a
+    worker that stopped accepting), when that connection has waited `waited_s` already."""
+    return waited_s < MAX_WAIT_S and any(0 <= other < mine for other in others)
+
+
+class ConnectionTable:
+    """Each worker's open connections, one 8-byte slot per worker in a file every worker maps. No lock: a worker
+    writes only its own slot (an aligned 8-byte store), and a count read a moment late only shifts one accept."""
+
+    def __init__(self, path: Path, workers: int, index: int) -> None:
+        self.path, self.workers, self.index = path, workers, index
+        size = workers * _SLOT.size
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            if os.fstat(fd).st_size < size:  # the first worker to get here; extending keeps others' slots
+                os.ftruncate(fd, size)
+            self._map = mmap.mmap(fd, size)
+        finally:
+            os.close(fd)
+        self.waiting_since: float | None = None  # when this worker first deferred the connection now queued
+        self.timer: Any = None  # the pending look again, while the socket is not watched
+        self.publish(0)
+
+    @classmethod
+    def for_socket(cls, sock: socket.socket, workers: int, index: int) -> ConnectionTable:
+        """The table of the workers that share `sock` (named by the server process and the socket's inode)."""
+        folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
+        return cls(folder / f"mnist-connections-{os.getppid()}-{os.fstat(sock.fileno()).st_ino}", workers, index)
+
+    def publish(self, count: int) -> None:
+        _SLOT.pack_into(self._map, self.index * _SLOT.size, count)
+
+    def counts(self) -> list[int]:
+        return [_SLOT.unpack_from(self._map, i * _SLOT.size)[0] for i in range(self.workers)]
+
+    def mine_and_others(self) -> tuple[int, list[int]]:
+        counts = self.counts()
+        return counts.pop(self.index), counts
+
+    def leave(self) -> None:
+        """This worker accepts no more: the others stop deferring to it; the file goes with the last of them."""
+        self.cancel()
+        self.publish(GONE)
+        if all(count == GONE for count in self.counts()):
+            self.path.unlink(missing_ok=True)
+
+    def cancel(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+
+
+# This worker process's table, once its first connection is accepted (see spread_accepts).
+_table: ConnectionTable | None = None
+_table_failed = False
+
+
+def publish_connections(count: int) -> None:
+    """Tell the other workers how many connections this one holds now (connections.py, on each open and close)."""
+    if _table is not None:
+        _table.publish(count)
+
+
+def stop_accepting(loop: Any, sock: socket.socket) -> None:
+    """Stop this worker's loop from accepting on `sock`, and any deferred look again with it (shutdown)."""
+    if _table is not None:
+        _table.leave()
+    loop._remove_reader(sock.fileno())
+
+
 def original_accept() -> Any:
     """asyncio's own accept handler, patched or not (the drain at shutdown wants every pending connection)."""
     accept = selector_events.BaseSelectorEventLoop._accept_connection
     return getattr(accept, "__wrapped__", accept)
 
 
-def spread_accepts(workers: int) -> None:
-    """Patch asyncio's selector event loop to accept a fair share per wake-up (idempotent)."""
+def spread_accepts(workers: int, worker_index: int | None = None) -> None:
+    """Patch asyncio's selector event loop to accept a fair share per wake-up (idempotent); in worker
+    `worker_index` (1 to `workers`, BentoML's numbering) also to leave connections to a worker holding fewer."""
     loop_class = selector_events.BaseSelectorEventLoop
     original = loop_class._accept_connection
     if getattr(original, _PATCHED, False):
@@ -77,7 +167,25 @@ def spread_accepts(workers: int) -> None:
         backlog: int = 100, *args: Any, **kwargs: Any,
     ) -> None:  # fmt: skip
         # `backlog` is only the number of accept() calls per wake-up here; the kernel's queue is unchanged.
-        share = min(backlog, per_wakeup(queued_connections(sock), workers))
+        queued = queued_connections(sock)
+        table = _joined(sock, workers, worker_index)
+        if table is not None and 0 < queued <= BURST:
+            now = time.monotonic()
+            mine, others = table.mine_and_others()
+            if should_defer(mine, others, now - (table.waiting_since or now)):
+                table.waiting_since = table.waiting_since or now
+                self._remove_reader(sock.fileno())
+                table.timer = self.call_later(
+                    DEFER_S, _look_again, self, table, protocol_factory, sock, sslcontext, server, backlog, *args
+                )
+                return
+        share = min(backlog, per_wakeup(queued, workers))
+        if table is not None:
+            table.waiting_since = None
+            if 0 < queued <= BURST:
+                # Counted now, not when its protocol starts (a turn of the loop later): else this worker, woken
+                # again before then, would still look as empty as a moment ago. The protocol's count replaces it.
+                table.publish(table.mine_and_others()[0] + 1)
         try:
             original(self, protocol_factory, sock, sslcontext, server, share, *args, **kwargs)
         except OSError as exc:
@@ -90,3 +198,25 @@ def spread_accepts(workers: int) -> None:
     setattr(accept_share, _PATCHED, True)
     loop_class._accept_connection = accept_share
     log.debug("asyncio accepts a fair share of the listen queue per wake-up (%d workers)", workers)
+
+
+def _joined(sock: socket.socket, workers: int, worker_index: int | None) -> ConnectionTable | None:
+    """This worker's connection table, made on the first accept (when the shared socket is known); None outside
+    a worker, or where the table cannot be made (then the workers only take turns, as before)."""
+    global _table, _table_failed
+    if _table is None and not _table_failed and worker_index is not None and 1 <= worker_index <= workers:
+        try:
+            _table = ConnectionTable.for_socket(sock, workers, worker_index - 1)
+        except OSError as exc:
+            _table_failed = True
+            log.warning("connections are not balanced over the workers (no shared table: %s)", exc)
+    return _table
+
+
+def _look_again(loop: Any, table: ConnectionTable, *accept_args: Any) -> None:
+    """After a deferral: watch the socket again; a connection still waiting then wakes this worker at once."""
+    table.timer = None
+    sock, server = accept_args[1], accept_args[3]
+    if sock.fileno() < 0 or (server is not None and not server.is_serving()):
+        return  # closed or shut down meanwhile
+    loop._add_reader(sock.fileno(), loop._accept_connection, *accept_args)

@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import metrics
+from .metrics import inference_seconds, metrics, prediction_count
 from .preprocess import (
     ImageError,
     candidates,
@@ -104,10 +104,9 @@ def answers(model: Model, pixels: np.ndarray, return_image: bool, count: bool = 
     `count=False` leaves mnist_predictions_total to the caller (for candidates not all of which are answered).
     """
     card = model.card
-    m = metrics()
     start = time.perf_counter()
     probabilities, scores = model.predict_with_scores(pixels)
-    m.inference_seconds.labels(card.name).observe(time.perf_counter() - start)
+    inference_seconds(card.name).observe(time.perf_counter() - start)
     digits = probabilities.argmax(axis=1)
     out = []
     for row, digit, score, image in zip(probabilities, digits, scores, pixels, strict=True):
@@ -139,4 +138,4 @@ def answer_status(card: ModelCard, confidence: float, digit_score: float) -> str
 
 
 def count_prediction(card: ModelCard, digit: int) -> None:
-    metrics().predictions.labels(card.name, card.labels[digit]).inc()
+    prediction_count(card.name, card.labels[digit]).inc()

@@ -43,7 +43,7 @@ import uvicorn.config
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import Server
 
-from .accept import original_accept
+from .accept import original_accept, publish_connections, stop_accepting
 from .settings import Settings
 
 log = logging.getLogger(__name__)
@@ -120,11 +120,13 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self.transport = LingeringTransport(transport, self._client_may_be_sending)  # type: ignore[assignment]
         self._await_headers()
+        publish_connections(len(self.server_state.connections))  # for the other workers' accepts (accept.py)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         self.transport.cancel()
         super().connection_lost(exc)
+        publish_connections(len(self.server_state.connections))
 
     def data_received(self, data: bytes) -> None:
         if not self.transport.lingering:  # a half-closed connection's bytes are discarded
@@ -199,7 +201,7 @@ async def _draining_shutdown(self: Server, sockets: list[socket.socket] | None =
                 log.debug("listen queue not drained: %s", exc)  # another worker shut it down first
             finally:
                 sock.close()
-            loop._remove_reader(listener.fileno())  # stop accepting; uvicorn closes it below
+            stop_accepting(loop, listener)  # uvicorn closes it below
     await asyncio.sleep(_DRAIN_SETTLE_S)  # the accepted connections get their protocols
     await _uvicorn_shutdown(self, sockets)
 

@@ -20,7 +20,7 @@ import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
-import bentoml
+from bentoml import get_current_service  # once: `bentoml.<name>` is a lazy, per-access module lookup
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -60,7 +60,7 @@ class FastPath:
             await self.app(scope, receive, send)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handle: Handler = getattr(bentoml.get_current_service(), self.routes[scope["path"]])
+        handle: Handler = getattr(get_current_service(), self.routes[scope["path"]])
         request = Request(scope, receive, send)
         try:
             response = await handle(request)

@@ -49,3 +49,17 @@ def metrics() -> Metrics:
             buckets=READ_BUCKETS,
         ),
     )
+
+
+# The labelled series of one model (and digit), looked up once: prometheus_client's `labels()` takes a lock and
+# builds a key on every call, and these are counted on every answer.
+
+
+@functools.cache
+def prediction_count(model: str, label: str) -> Any:
+    return metrics().predictions.labels(model, label)
+
+
+@functools.cache
+def inference_seconds(model: str) -> Any:
+    return metrics().inference_seconds.labels(model)

@@ -30,7 +30,9 @@ from .work import Offloader, request_pixels
 
 SETTINGS = Settings.from_env()
 if SETTINGS.workers > 1:
-    spread_accepts(SETTINGS.workers)  # else one worker takes every keep-alive connection (see accept.py)
+    # Else one worker takes every keep-alive connection; each worker also leaves a connection to one holding
+    # fewer (see accept.py).
+    spread_accepts(SETTINGS.workers, server_context.worker_index)
 if server_context.worker_index is not None:  # a worker process, not `bentoml serve` itself
     harden_worker(SETTINGS)  # header timeout, graceful drain, exit with the parent (see connections.py)
 # BentoML's CORS middleware, only for the origins named (off by default).
