@@ -21,7 +21,9 @@ times); the worker with more connections sets the p99. So the workers also publi
 holds (`ConnectionTable`, one slot per worker in a small shared file), and a worker that holds more than
 another lets a small queue's connection go to it: it stops watching the socket for DEFER_S, then looks again.
 A worker never defers a connection for longer than MAX_WAIT_S, so a busy, stuck or dead worker delays new
-connections by at most that (nginx's `accept_disabled` is the same idea, per worker, without the table).
+connections by at most that, and after such a wait it accepts without deferring for PAUSE_S (in a burst of
+thousands of connections, each turn of a worker's loop lasts long, and deferring each accept would throttle the
+drain of the queue). nginx's `accept_disabled` is the same idea, per worker, without the table.
 
 Only asyncio's own event loop is patched (uvloop, if installed, has its own accept loop and is left alone).
 """
@@ -51,6 +53,8 @@ BURST = 64
 DEFER_S = 0.001
 # ...but a connection it could take waits at most this long for the other worker: then it is taken anyway.
 MAX_WAIT_S = 0.02
+# ...and when they were too busy to take it, it stops deferring to them for this long.
+PAUSE_S = 1.0
 # struct tcp_info: eight one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked. On a listening socket
 # Linux reports the accept queue's length in tcpi_unacked.
 _TCPI_UNACKED = struct.Struct("=I")
@@ -97,6 +101,7 @@ class ConnectionTable:
         finally:
             os.close(fd)
         self.waiting_since: float | None = None  # when this worker first deferred the connection now queued
+        self.defer_after = 0.0  # no deferring before this time.monotonic() (the others were too busy)
         self.timer: Any = None  # the pending look again, while the socket is not watched
         self.publish(0)
 
@@ -169,10 +174,16 @@ def spread_accepts(workers: int, worker_index: int | None = None) -> None:
         # `backlog` is only the number of accept() calls per wake-up here; the kernel's queue is unchanged.
         queued = queued_connections(sock)
         table = _joined(sock, workers, worker_index)
-        if table is not None and 0 < queued <= BURST:
-            now = time.monotonic()
+        now = time.monotonic()
+        if table is not None and 0 < queued <= BURST and now >= table.defer_after:
             mine, others = table.mine_and_others()
-            if should_defer(mine, others, now - (table.waiting_since or now)):
+            waited = now - (table.waiting_since or now)
+            if waited >= MAX_WAIT_S:
+                # The others did not take it: too busy to accept soon (a burst of connections makes each turn of
+                # their loops long). Deferring to them now would throttle this worker's accepts to one per
+                # MAX_WAIT_S, so it accepts as it did before the table, and asks again after PAUSE_S.
+                table.defer_after = now + PAUSE_S
+            elif should_defer(mine, others, waited):
                 table.waiting_since = table.waiting_since or now
                 self._remove_reader(sock.fileno())
                 table.timer = self.call_later(
