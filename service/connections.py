@@ -65,22 +65,46 @@ LINGER_S = 2.0
 
 class LingeringTransport:
     """A connection's transport as uvicorn sees it: `close()` lingers while the client may still be sending
-    (module docstring); everything else is the transport's own."""
+    (module docstring), and an answer's head goes out with its body; everything else is the transport's own.
+
+    uvicorn writes an answer's status line and headers, then its body: two `send` calls, two TCP segments (the
+    socket has TCP_NODELAY), and the client wakes twice. The head is held until the next write, or the end of
+    the loop's turn, whichever comes first: a whole JSON answer leaves in one segment.
+    """
 
     def __init__(self, transport: asyncio.Transport, still_sending: Callable[[], bool]) -> None:
         self._transport = transport
-        self.write = transport.write  # once per answer: not through __getattr__
         self._still_sending = still_sending
         self._timer: asyncio.TimerHandle | None = None
+        self._head: bytes | None = None  # an answer's head, written with what follows it
+        self.hold_head = True  # the next write is an answer's head (GuardedH11Protocol sets it for each answer)
         self.lingering = False
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self._transport, name)
 
+    def write(self, data: bytes) -> None:
+        if self._head is not None:
+            data, self._head = self._head + data, None
+        elif self.hold_head and data:
+            self.hold_head = False
+            self._head = data
+            asyncio.get_running_loop().call_soon(self.flush)
+            return
+        self._transport.write(data)
+
+    def flush(self) -> None:
+        """Send a held head now (its body did not follow in the same turn of the loop)."""
+        if self._head is not None:
+            head, self._head = self._head, None
+            if not self._transport.is_closing():
+                self._transport.write(head)
+
     def is_closing(self) -> bool:
         return self.lingering or self._transport.is_closing()
 
     def close(self) -> None:
+        self.flush()
         transport = self._transport
         if self.lingering or transport.is_closing() or not transport.can_write_eof() or not self._still_sending():
             self.cancel()
@@ -90,6 +114,10 @@ class LingeringTransport:
         transport.write_eof()  # after what is buffered: the client reads our answer, then end of stream
         transport.resume_reading()  # read and discard, so that nothing is left unread at the close
         self._timer = asyncio.get_running_loop().call_later(LINGER_S, transport.close)
+
+    def write_eof(self) -> None:
+        self.flush()
+        self._transport.write_eof()
 
     def cancel(self) -> None:
         if self._timer is not None:
@@ -145,6 +173,7 @@ class GuardedH11Protocol(H11Protocol):
                 self.cycle.keep_alive = False  # answer it, then close
 
     def on_response_complete(self) -> None:
+        self.transport.hold_head = True  # the next answer's head
         if not self.transport.is_closing():
             self._await_headers()  # before super(): it may start a pipelined request, which disarms this
         super().on_response_complete()
