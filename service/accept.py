@@ -16,14 +16,15 @@ queue drains in a few turns (measured: docs/benchmarks.md, "Chaos"). Taking a sh
 split a pool of 16 as 8, 4, 2, 1... to the worker that woke first (measured: 1 worker did all).
 
 Taking turns is still a race: whichever worker the kernel wakes first wins it. Measured, 2 workers, wrk's 16
-keep-alive connections, 8 runs: splits of 16/0 (twice: half the throughput), 13/3, 11/5, 9/7 and 8/8 (three
-times); the worker with more connections sets the p99. So the workers also publish how many connections each
+keep-alive connections, 8 runs: splits of 16/0 (twice: half the throughput), 13/3, 11/5, 9/7 (twice) and 8/8
+(twice); the worker with more connections sets the p99. With the table, 16 runs: 8/8 or 9/7, once 10/6. So the workers also publish how many connections each
 holds (`ConnectionTable`, one slot per worker in a small shared file), and a worker that holds more than
 another lets a small queue's connection go to it: it stops watching the socket for DEFER_S, then looks again.
 A worker never defers a connection for longer than MAX_WAIT_S, so a busy, stuck or dead worker delays new
-connections by at most that, and after such a wait it accepts without deferring for PAUSE_S (in a burst of
-thousands of connections, each turn of a worker's loop lasts long, and deferring each accept would throttle the
-drain of the queue). nginx's `accept_disabled` is the same idea, per worker, without the table.
+connections by at most that. And a worker that holds BURST connections or more (a burst of thousands: each
+turn of its loop lasts long) neither defers nor takes one at a time, but takes the whole small queue: one
+accept per turn left the end of a 5,000-connection burst queued for 13-16 s on 2 workers (measured, 2026-12-02,
+docs/benchmarks.md "Chaos"; 0.2 s now). nginx's `accept_disabled` is the same idea as the table, per worker.
 
 Only asyncio's own event loop is patched (uvloop, if installed, has its own accept loop and is left alone).
 """
@@ -53,13 +54,12 @@ BURST = 64
 DEFER_S = 0.001
 # ...but a connection it could take waits at most this long for the other worker: then it is taken anyway.
 MAX_WAIT_S = 0.02
-# ...and when they were too busy to take it, it stops deferring to them for this long.
-PAUSE_S = 1.0
 # struct tcp_info: eight one-byte fields, then u32 rto, ato, snd_mss, rcv_mss, unacked. On a listening socket
 # Linux reports the accept queue's length in tcpi_unacked.
 _TCPI_UNACKED = struct.Struct("=I")
 _TCPI_UNACKED_OFFSET = 24
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
+TABLE_PREFIX = "mnist-connections-"  # then the server's pid and the listening socket's inode
 _SLOT = struct.Struct("=q")  # one worker's open connections; -1: the worker stopped accepting
 GONE = -1
 
@@ -101,7 +101,6 @@ class ConnectionTable:
         finally:
             os.close(fd)
         self.waiting_since: float | None = None  # when this worker first deferred the connection now queued
-        self.defer_after = 0.0  # no deferring before this time.monotonic() (the others were too busy)
         self.timer: Any = None  # the pending look again, while the socket is not watched
         self.publish(0)
 
@@ -109,7 +108,8 @@ class ConnectionTable:
     def for_socket(cls, sock: socket.socket, workers: int, index: int) -> ConnectionTable:
         """The table of the workers that share `sock` (named by the server process and the socket's inode)."""
         folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
-        return cls(folder / f"mnist-connections-{os.getppid()}-{os.fstat(sock.fileno()).st_ino}", workers, index)
+        remove_orphans(folder)
+        return cls(folder / f"{TABLE_PREFIX}{os.getppid()}-{os.fstat(sock.fileno()).st_ino}", workers, index)
 
     def publish(self, count: int) -> None:
         _SLOT.pack_into(self._map, self.index * _SLOT.size, count)
@@ -132,6 +132,20 @@ class ConnectionTable:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+
+def remove_orphans(folder: Path) -> None:
+    """Delete the tables of servers that are gone. The last worker to stop deletes its table, but a server killed
+    outright (SIGKILL, a crash) leaves its small file behind: the next server to start removes it."""
+    for path in folder.glob(f"{TABLE_PREFIX}*-*"):
+        try:
+            os.kill(int(path.name[len(TABLE_PREFIX) :].split("-")[0]), 0)
+        except ValueError:
+            continue  # not one of ours
+        except ProcessLookupError:
+            path.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # alive, another user's
 
 
 # This worker process's table, once its first connection is accepted (see spread_accepts).
@@ -174,29 +188,26 @@ def spread_accepts(workers: int, worker_index: int | None = None) -> None:
         # `backlog` is only the number of accept() calls per wake-up here; the kernel's queue is unchanged.
         queued = queued_connections(sock)
         table = _joined(sock, workers, worker_index)
-        now = time.monotonic()
-        if table is not None and 0 < queued <= BURST and now >= table.defer_after:
+        if table is not None and 0 < queued <= BURST:
             mine, others = table.mine_and_others()
-            waited = now - (table.waiting_since or now)
-            if waited >= MAX_WAIT_S:
-                # The others did not take it: too busy to accept soon (a burst of connections makes each turn of
-                # their loops long). Deferring to them now would throttle this worker's accepts to one per
-                # MAX_WAIT_S, so it accepts as it did before the table, and asks again after PAUSE_S.
-                table.defer_after = now + PAUSE_S
-            elif should_defer(mine, others, waited):
+            now = time.monotonic()
+            if mine < BURST and should_defer(mine, others, now - (table.waiting_since or now)):
                 table.waiting_since = table.waiting_since or now
                 self._remove_reader(sock.fileno())
                 table.timer = self.call_later(
                     DEFER_S, _look_again, self, table, protocol_factory, sock, sslcontext, server, backlog, *args
                 )
                 return
-        share = min(backlog, per_wakeup(queued, workers))
-        if table is not None:
             table.waiting_since = None
-            if 0 < queued <= BURST:
-                # Counted now, not when its protocol starts (a turn of the loop later): else this worker, woken
-                # again before then, would still look as empty as a moment ago. The protocol's count replaces it.
-                table.publish(table.mine_and_others()[0] + 1)
+            # One, so that the workers take turns; but a worker already holding many (a burst's) takes all: one
+            # accept per turn of a loop that then lasts seconds would leave the rest waiting for many turns,
+            # and a few more connections are nothing against those held.
+            share = min(backlog, queued if mine >= BURST else 1)
+            # Counted now, not when their protocols start (a turn of the loop later): else this worker, woken
+            # again before then, would still look as empty as a moment ago. The protocols' count replaces it.
+            table.publish(mine + share)
+        else:
+            share = min(backlog, per_wakeup(queued, workers))
         try:
             original(self, protocol_factory, sock, sslcontext, server, share, *args, **kwargs)
         except OSError as exc:
@@ -230,4 +241,6 @@ def _look_again(loop: Any, table: ConnectionTable, *accept_args: Any) -> None:
     sock, server = accept_args[1], accept_args[3]
     if sock.fileno() < 0 or (server is not None and not server.is_serving()):
         return  # closed or shut down meanwhile
+    if queued_connections(sock) == 0:
+        table.waiting_since = None  # another worker took it: the next connection gets its own wait
     loop._add_reader(sock.fileno(), loop._accept_connection, *accept_args)

@@ -6,7 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import os
 import socket
+import subprocess
 from asyncio import selector_events
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -15,13 +17,16 @@ import psutil
 import pytest
 from conftest import Server
 
+from service import accept
 from service.accept import (
     BURST,
     GONE,
     MAX_WAIT_S,
+    TABLE_PREFIX,
     ConnectionTable,
     per_wakeup,
     queued_connections,
+    remove_orphans,
     should_defer,
     spread_accepts,
 )
@@ -41,7 +46,8 @@ def tasks_after_one_wakeup(pending: int = PENDING) -> int:
         tasks = asyncio.all_tasks(loop)
         for task in tasks:
             task.cancel()
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+        if tasks:  # gather() of nothing would belong to another loop
+            loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
         return len(tasks)
     finally:
         for client in clients:
@@ -111,6 +117,44 @@ def test_workers_see_each_others_counts_and_the_last_to_leave_removes_the_table(
     assert second.mine_and_others() == (3, [GONE]) and path.exists()
     second.leave()
     assert not path.exists()
+
+
+@pytest.fixture
+def first_of_two_workers(restore_asyncio):
+    """This process as worker 1 of 2; yields a table slot standing for worker 2."""
+    spread_accepts(workers=2, worker_index=1)
+    tasks_after_one_wakeup(1)  # the table is made on the first accept
+    table = accept._table
+    yield table, ConnectionTable(table.path, workers=2, index=1)
+    table.leave()
+    accept._table = None
+
+
+def test_a_worker_leaves_a_small_queue_to_one_holding_fewer_and_takes_all_of_it_under_a_burst(
+    first_of_two_workers,
+) -> None:
+    mine, other = first_of_two_workers
+    accepted = {}
+    for name, (held, other_held) in {
+        "even": (3, 3), "more than the other": (4, 3), "a burst's worth": (BURST, 3), "the other stopped": (4, GONE)
+    }.items():  # fmt: skip
+        mine.publish(held)
+        other.publish(other_held)
+        mine.waiting_since = None
+        accepted[name] = tasks_after_one_wakeup(PENDING)
+    assert accepted == {"even": 1, "more than the other": 0, "a burst's worth": PENDING, "the other stopped": 1}
+
+
+def test_the_tables_of_servers_that_are_gone_are_removed(tmp_path: Path) -> None:
+    finished = subprocess.Popen(["true"])
+    finished.wait()  # reaped: its pid names no process now
+    gone = tmp_path / f"{TABLE_PREFIX}{finished.pid}-1"
+    alive = tmp_path / f"{TABLE_PREFIX}{os.getpid()}-1"
+    other = tmp_path / f"{TABLE_PREFIX}notes-1"
+    for path in (gone, alive, other):
+        path.write_bytes(b"")
+    remove_orphans(tmp_path)
+    assert (gone.exists(), alive.exists(), other.exists()) == (False, True, True)
 
 
 def connections_per_worker(port: int) -> collections.Counter[int]:
