@@ -17,9 +17,10 @@ split a pool of 16 as 8, 4, 2, 1... to the worker that woke first (measured: 1 w
 
 Taking turns is still a race: whichever worker the kernel wakes first wins it. Measured, 2 workers, wrk's 16
 keep-alive connections, 8 runs: splits of 16/0 (twice: half the throughput), 13/3, 11/5, 9/7 (twice) and 8/8
-(twice); the worker with more connections sets the p99. With the table, 16 runs: 8/8 or 9/7, once 10/6. So the workers also publish how many connections each
+(twice); the worker with more connections sets the p99. So the workers also publish how many connections each
 holds (`ConnectionTable`, one slot per worker in a small shared file), and a worker that holds more than
-another lets a small queue's connection go to it: it stops watching the socket for DEFER_S, then looks again.
+another lets a small queue's connection go to it: it stops watching the socket for DEFER_S, then looks again
+(8 runs with it: 8/8 or 9/7).
 A worker never defers a connection for longer than MAX_WAIT_S, so a busy, stuck or dead worker delays new
 connections by at most that. And a worker that holds BURST connections or more (a burst of thousands: each
 turn of its loop lasts long) neither defers nor takes one at a time, but takes the whole small queue: one
