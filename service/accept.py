@@ -103,6 +103,7 @@ class ConnectionTable:
             os.close(fd)
         self.waiting_since: float | None = None  # when this worker first deferred the connection now queued
         self.timer: Any = None  # the pending look again, while the socket is not watched
+        self.left = False  # stopped accepting (shutdown): its slot stays GONE
         self.publish(0)
 
     @classmethod
@@ -113,7 +114,8 @@ class ConnectionTable:
         return cls(folder / f"{TABLE_PREFIX}{os.getppid()}-{os.fstat(sock.fileno()).st_ino}", workers, index)
 
     def publish(self, count: int) -> None:
-        _SLOT.pack_into(self._map, self.index * _SLOT.size, count)
+        if not self.left:  # connections closing in the drain do not bring a stopped worker back
+            _SLOT.pack_into(self._map, self.index * _SLOT.size, count)
 
     def counts(self) -> list[int]:
         return [_SLOT.unpack_from(self._map, i * _SLOT.size)[0] for i in range(self.workers)]
@@ -126,6 +128,7 @@ class ConnectionTable:
         """This worker accepts no more: the others stop deferring to it; the file goes with the last of them."""
         self.cancel()
         self.publish(GONE)
+        self.left = True
         if all(count == GONE for count in self.counts()):
             self.path.unlink(missing_ok=True)
 

@@ -114,6 +114,7 @@ def test_workers_see_each_others_counts_and_the_last_to_leave_removes_the_table(
     assert first.mine_and_others() == (7, [3])
     assert second.mine_and_others() == (3, [7])
     first.leave()
+    first.publish(2)  # a connection closing in the drain
     assert second.mine_and_others() == (3, [GONE]) and path.exists()
     second.leave()
     assert not path.exists()
