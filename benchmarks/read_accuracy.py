@@ -122,8 +122,10 @@ def read(session: ort.InferenceSession, data: bytes) -> str:
     except ImageError:
         return ""
     found = candidates(rows)
-    (probabilities,) = session.run(["probabilities"], {"image": np.stack([c.pixels for c in found])[:, None]})
-    chosen = choose(rows, probabilities.max(axis=1).tolist())
+    probabilities, logits = session.run(
+        ["probabilities", "logits"], {"image": np.stack([c.pixels for c in found])[:, None]}
+    )
+    chosen = choose(rows, logits.max(axis=1).tolist())
     return "\n".join("".join(str(int(probabilities[k].argmax())) for k in row) for row in chosen)
 
 

@@ -75,7 +75,8 @@ def read_number(model: Model, data: bytes, settings: Settings) -> dict[str, Any]
     """One image of a number (one or more rows of digits) -> the text read and each digit's answer and box.
 
     Every candidate goes through the model in one batch: each glyph, and for a glyph wide enough to be digits that
-    touch, its cut into them too; the cut is taken when its digits are, on average, more likely than the whole.
+    touch, its cut into them too; the cut is taken when the model's evidence for its least sure digit beats that
+    for the whole (preprocess.choose).
     A row break in the text is a newline.
     """
     start = time.perf_counter()
@@ -84,8 +85,12 @@ def read_number(model: Model, data: bytes, settings: Settings) -> dict[str, Any]
     metrics().preprocess_seconds.observe(time.perf_counter() - start)
     raise_if_abandoned()
     found = candidates(rows)
-    found_answers = answers(model, np.stack([c.pixels for c in found]), return_image=False, count=False)
-    chosen = choose(rows, [a["confidence"] for a in found_answers])
+    pixels = np.stack([c.pixels for c in found])
+    start = time.perf_counter()
+    probabilities, scores, top_logits = model.predict_for_reading(pixels)
+    inference_seconds(model.card.name).observe(time.perf_counter() - start)
+    found_answers = answers_from(model.card, probabilities, scores, pixels, return_image=False, count=False)
+    chosen = choose(rows, top_logits.tolist())
     chosen_rows = [[(found[k], found_answers[k]) for k in row] for row in chosen]
     digits = []
     for reading, answer in (pair for row in chosen_rows for pair in row):
@@ -103,10 +108,16 @@ def answers(model: Model, pixels: np.ndarray, return_image: bool, count: bool = 
 
     `count=False` leaves mnist_predictions_total to the caller (for candidates not all of which are answered).
     """
-    card = model.card
     start = time.perf_counter()
     probabilities, scores = model.predict_with_scores(pixels)
-    inference_seconds(card.name).observe(time.perf_counter() - start)
+    inference_seconds(model.card.name).observe(time.perf_counter() - start)
+    return answers_from(model.card, probabilities, scores, pixels, return_image, count)
+
+
+def answers_from(
+    card: ModelCard, probabilities: np.ndarray, scores: np.ndarray, pixels: np.ndarray, return_image: bool, count: bool
+) -> list[dict[str, Any]]:
+    """The answers for a model run's outputs (see `answers`)."""
     digits = probabilities.argmax(axis=1)
     out = []
     for row, digit, score, image in zip(probabilities, digits, scores, pixels, strict=True):

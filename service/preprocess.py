@@ -58,9 +58,11 @@ THIN_STROKE = 0.06
 TARGET_STROKE = 0.09
 THICK_STROKE = 0.16
 THICK_TARGET = 0.11
-# /read: a glyph is read as touching digits only when their mean confidence beats the whole's by this much.
-CUT_MARGIN = 0.2
-WIDE_BONUS = 0.1
+# /read: a glyph is read as touching digits only when the top logit of their least sure digit beats the whole's
+# by this much; one too wide to be one digit, by any amount. Tuned on seed-1 pages of `make bench-read`, checked
+# on seeds 0 and 2 (docs/preprocessing.md).
+CUT_MARGIN = 2.0
+WIDE_BONUS = 0.0
 # Pixels kept around the digit's mask: its anti-aliased edges, fainter than the mask's level.
 EDGE_PIXELS = 2
 
@@ -202,10 +204,13 @@ def candidates(rows: list[list[Reading]]) -> list[Reading]:
 
 
 def choose(rows: list[list[Reading]], confidence: Sequence[float]) -> list[list[int]]:
-    """Per row, the indices (into `candidates(rows)`) of the digits read, given the model's confidence in each
-    candidate: of a glyph read whole and its cuts into touching digits, the one whose least likely digit is the
-    most likely wins (a cut must beat the whole by CUT_MARGIN, or may trail it by WIDE_BONUS for a glyph too
-    wide to be one digit)."""
+    """Per row, the indices (into `candidates(rows)`) of the digits read, given the model's evidence for each
+    candidate's digit (its top logit, Model.predict_for_reading): of a glyph read whole and its cuts into
+    touching digits, the one whose least sure digit is the surest wins (a cut must beat the whole by CUT_MARGIN,
+    or may trail it by WIDE_BONUS for a glyph too wide to be one digit).
+
+    Logits, not probabilities: a touching "81" read whole is a perfect 8 at probability ~1, as are its two cut
+    digits, so probabilities could not tell them apart; the whole's top logit is smaller."""
     out, i = [], 0
     for row in rows:
         chosen = []

@@ -37,6 +37,7 @@ REQUIRED_KEYS = (
 )
 # The scores training knows how to threshold (training/calibrate.py: digit_score), and the graph output each reads.
 OOD_SCORES = {"max_probability": "probabilities", "logsumexp": "logits"}
+LOGITS = "logits"  # the graph output of the (calibrated) logits, which training/export.py always writes
 # What preprocess.py hands over; the model must expect exactly this.
 EXPECTED_SHAPE = [-1, 1, 28, 28]
 EXPECTED_RANGE = [0.0, 1.0]
@@ -107,6 +108,7 @@ class Model:
     def __init__(self, session: ort.InferenceSession, card: ModelCard) -> None:
         self.session = session
         self.card = card
+        self._outputs = {output.name for output in session.get_outputs()}
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """pixels: float32 (N, 28, 28) in [0, 1], white on black -> float32 (N, len(labels)), rows sum to 1."""
@@ -126,6 +128,23 @@ class Model:
         logits = outputs[-1].astype(np.float64)
         top = logits.max(axis=1)
         return probabilities, (top + np.log(np.exp(logits - top[:, None]).sum(axis=1))).astype(np.float32)
+
+    def predict_for_reading(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Like `predict_with_scores`, plus each input's top logit (N,), all from one run: the strength of the model's
+        evidence for its digit, which keeps growing where the probability has saturated at ~1 (a touching "81"
+        read whole as an 8 is as sure as a clean 8, but with a smaller top logit). Needs the graph's logits output
+        (every export writes it); without it, the log of the top probability."""
+        batch = np.ascontiguousarray(pixels, dtype=np.float32).reshape(-1, 1, 28, 28)
+        names = [self.card.output_name, *([LOGITS] if LOGITS in self._outputs else [])]
+        outputs = self.session.run(names, {self.card.input_name: batch})
+        probabilities = outputs[0]
+        logits = outputs[-1].astype(np.float64) if len(outputs) > 1 else np.log(np.maximum(probabilities, 1e-30))
+        top = logits.max(axis=1)
+        if self.card.ood_score == "max_probability":
+            scores = probabilities.max(axis=1)
+        else:
+            scores = (top + np.log(np.exp(logits - top[:, None]).sum(axis=1))).astype(np.float32)
+        return probabilities, scores, top
 
 
 def create_session(path: Path, device: str, intra_op_threads: int) -> ort.InferenceSession:

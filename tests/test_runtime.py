@@ -155,3 +155,18 @@ def test_digit_scores_are_the_named_score_of_the_graph_outputs(
     (logits,) = model.session.run(["logits"], {"image": pixels[:, np.newaxis]})
     expected = probabilities.max(1) if score == "max_probability" else np.log(np.exp(logits.astype(np.float64)).sum(1))
     np.testing.assert_allclose(scores, expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("score", ["max_probability", "logsumexp"])
+def test_reading_gets_the_same_answers_and_each_inputs_top_logit_from_one_run(
+    cnn_path: Path, tmp_path: Path, mnist_digits: list, score: str
+) -> None:
+    model = load_model(edited_copy(cnn_path, tmp_path / f"{score}.onnx", set_={"ood_score": score}), "cpu")
+    pixels = np.stack([d.pixels for d in mnist_digits[:20]])
+    probabilities, scores, top_logits = model.predict_for_reading(pixels)
+    expected_probabilities, expected_scores = model.predict_with_scores(pixels)
+    np.testing.assert_array_equal(probabilities, expected_probabilities)
+    np.testing.assert_allclose(scores, expected_scores, rtol=1e-6)
+    (logits,) = model.session.run(["logits"], {"image": pixels[:, np.newaxis]})
+    np.testing.assert_allclose(top_logits, logits.max(1), rtol=1e-6)
+    assert (logits.argmax(1) == probabilities.argmax(1)).all()
