@@ -116,35 +116,33 @@ class Model:
 
     def predict_with_scores(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Like `predict`, plus each input's digit score (N,) of the kind `card.ood_score` names: one run."""
-        batch = np.ascontiguousarray(pixels, dtype=np.float32).reshape(-1, 1, 28, 28)  # a view, no copy
         score_output = OOD_SCORES[self.card.ood_score]
         names = (
             [self.card.output_name] if score_output == self.card.output_name else [self.card.output_name, score_output]
         )
-        outputs = self.session.run(names, {self.card.input_name: batch})
-        probabilities = outputs[0]
-        if self.card.ood_score == "max_probability":
-            return probabilities, probabilities.max(axis=1)
-        logits = outputs[-1].astype(np.float64)
-        top = logits.max(axis=1)
-        return probabilities, (top + np.log(np.exp(logits - top[:, None]).sum(axis=1))).astype(np.float32)
+        outputs = self._run(names, pixels)
+        return outputs[0], self._digit_scores(outputs[0], outputs[-1])
 
     def predict_for_reading(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Like `predict_with_scores`, plus each input's top logit (N,), all from one run: the strength of the model's
         evidence for its digit, which keeps growing where the probability has saturated at ~1 (a touching "81"
         read whole as an 8 is as sure as a clean 8, but with a smaller top logit). Needs the graph's logits output
         (every export writes it); without it, the log of the top probability."""
-        batch = np.ascontiguousarray(pixels, dtype=np.float32).reshape(-1, 1, 28, 28)
-        names = [self.card.output_name, *([LOGITS] if LOGITS in self._outputs else [])]
-        outputs = self.session.run(names, {self.card.input_name: batch})
+        outputs = self._run([self.card.output_name, *([LOGITS] if LOGITS in self._outputs else [])], pixels)
         probabilities = outputs[0]
-        logits = outputs[-1].astype(np.float64) if len(outputs) > 1 else np.log(np.maximum(probabilities, 1e-30))
-        top = logits.max(axis=1)
+        logits = outputs[-1] if len(outputs) > 1 else np.log(np.maximum(probabilities, 1e-30))
+        return probabilities, self._digit_scores(probabilities, logits), logits.max(axis=1)
+
+    def _run(self, names: list[str], pixels: np.ndarray) -> list[np.ndarray]:
+        batch = np.ascontiguousarray(pixels, dtype=np.float32).reshape(-1, 1, 28, 28)  # a view, no copy
+        return self.session.run(names, {self.card.input_name: batch})
+
+    def _digit_scores(self, probabilities: np.ndarray, logits: np.ndarray) -> np.ndarray:
         if self.card.ood_score == "max_probability":
-            scores = probabilities.max(axis=1)
-        else:
-            scores = (top + np.log(np.exp(logits - top[:, None]).sum(axis=1))).astype(np.float32)
-        return probabilities, scores, top
+            return probabilities.max(axis=1)
+        logits = logits.astype(np.float64)  # logsumexp: a graph with a logsumexp score has a logits output
+        top = logits.max(axis=1)
+        return (top + np.log(np.exp(logits - top[:, None]).sum(axis=1))).astype(np.float32)
 
 
 def create_session(path: Path, device: str, intra_op_threads: int) -> ort.InferenceSession:
