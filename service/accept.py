@@ -107,11 +107,11 @@ class ConnectionTable:
         self.publish(0)
 
     @classmethod
-    def for_socket(cls, sock: socket.socket, workers: int, index: int) -> ConnectionTable:
+    def for_socket(cls, sock: socket.socket, workers: int, index: int, server_pid: int) -> ConnectionTable:
         """The table of the workers that share `sock` (named by the server process and the socket's inode)."""
         folder = Path("/dev/shm") if Path("/dev/shm").is_dir() else Path(tempfile.gettempdir())
         remove_orphans(folder)
-        return cls(folder / f"{TABLE_PREFIX}{os.getppid()}-{os.fstat(sock.fileno()).st_ino}", workers, index)
+        return cls(folder / f"{TABLE_PREFIX}{server_pid}-{os.fstat(sock.fileno()).st_ino}", workers, index)
 
     def publish(self, count: int) -> None:
         if not self.left:  # connections closing in the drain do not bring a stopped worker back
@@ -183,6 +183,9 @@ def spread_accepts(workers: int, worker_index: int | None = None) -> None:
     original = loop_class._accept_connection
     if getattr(original, _PATCHED, False):
         return
+    # The server process, read now: a worker whose server was killed is adopted by init (pid 1) before it stops,
+    # and a table named after pid 1 would never be seen as orphaned.
+    server_pid = os.getppid()
 
     @functools.wraps(original)
     def accept_share(
@@ -191,7 +194,7 @@ def spread_accepts(workers: int, worker_index: int | None = None) -> None:
     ) -> None:  # fmt: skip
         # `backlog` is only the number of accept() calls per wake-up here; the kernel's queue is unchanged.
         queued = queued_connections(sock)
-        table = _joined(sock, workers, worker_index)
+        table = _joined(sock, workers, worker_index, server_pid)
         if table is not None and 0 < queued <= BURST:
             mine, others = table.mine_and_others()
             now = time.monotonic()
@@ -226,13 +229,13 @@ def spread_accepts(workers: int, worker_index: int | None = None) -> None:
     log.debug("asyncio accepts a fair share of the listen queue per wake-up (%d workers)", workers)
 
 
-def _joined(sock: socket.socket, workers: int, worker_index: int | None) -> ConnectionTable | None:
+def _joined(sock: socket.socket, workers: int, worker_index: int | None, server_pid: int) -> ConnectionTable | None:
     """This worker's connection table, made on the first accept (when the shared socket is known); None outside
     a worker, or where the table cannot be made (then the workers only take turns, as before)."""
     global _table, _table_failed
     if _table is None and not _table_failed and worker_index is not None and 1 <= worker_index <= workers:
         try:
-            _table = ConnectionTable.for_socket(sock, workers, worker_index - 1)
+            _table = ConnectionTable.for_socket(sock, workers, worker_index - 1, server_pid)
         except OSError as exc:
             _table_failed = True
             log.warning("connections are not balanced over the workers (no shared table: %s)", exc)
