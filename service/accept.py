@@ -83,8 +83,9 @@ def per_wakeup(queued: int, workers: int) -> int:
 
 def should_defer(mine: int, others: Sequence[int], waited_s: float) -> bool:
     """Whether a worker holding `mine` connections leaves a waiting one to the others (their counts; GONE for a
-    worker that stopped accepting), when that connection has waited `waited_s` already."""
-    return waited_s < MAX_WAIT_S and any(0 <= other < mine for other in others)
+    worker that stopped accepting), when that connection has waited `waited_s` already. Not under a burst
+    (BURST held or more), when each turn of the others' loops lasts long."""
+    return mine < BURST and waited_s < MAX_WAIT_S and any(0 <= other < mine for other in others)
 
 
 class ConnectionTable:
@@ -198,7 +199,7 @@ def spread_accepts(workers: int, worker_index: int | None = None) -> None:
         if table is not None and 0 < queued <= BURST:
             mine, others = table.mine_and_others()
             now = time.monotonic()
-            if mine < BURST and should_defer(mine, others, now - (table.waiting_since or now)):
+            if should_defer(mine, others, now - (table.waiting_since or now)):
                 table.waiting_since = table.waiting_since or now
                 self._remove_reader(sock.fileno())
                 table.timer = self.call_later(

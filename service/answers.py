@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import base64
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
@@ -86,9 +86,7 @@ def read_number(model: Model, data: bytes, settings: Settings) -> dict[str, Any]
     raise_if_abandoned()
     found = candidates(rows)
     pixels = np.stack([c.pixels for c in found])
-    start = time.perf_counter()
-    probabilities, scores, top_logits = model.predict_for_reading(pixels)
-    inference_seconds(model.card.name).observe(time.perf_counter() - start)
+    probabilities, scores, top_logits = timed(model, model.predict_for_reading, pixels)
     found_answers = answers_from(model.card, probabilities, scores, pixels, return_image=False, count=False)
     chosen = choose(rows, top_logits.tolist())
     chosen_rows = [[(found[k], found_answers[k]) for k in row] for row in chosen]
@@ -108,10 +106,16 @@ def answers(model: Model, pixels: np.ndarray, return_image: bool, count: bool = 
 
     `count=False` leaves mnist_predictions_total to the caller (for candidates not all of which are answered).
     """
-    start = time.perf_counter()
-    probabilities, scores = model.predict_with_scores(pixels)
-    inference_seconds(model.card.name).observe(time.perf_counter() - start)
+    probabilities, scores = timed(model, model.predict_with_scores, pixels)
     return answers_from(model.card, probabilities, scores, pixels, return_image, count)
+
+
+def timed(model: Model, run: Callable[[np.ndarray], Any], pixels: np.ndarray) -> Any:
+    """`run(pixels)`, one ONNX Runtime call of `model`, counted in mnist_inference_seconds."""
+    start = time.perf_counter()
+    outputs = run(pixels)
+    inference_seconds(model.card.name).observe(time.perf_counter() - start)
+    return outputs
 
 
 def answers_from(

@@ -203,7 +203,7 @@ def candidates(rows: list[list[Reading]]) -> list[Reading]:
     return [c for row in rows for reading in row for c in (reading, *(p for cut in reading.cuts for p in cut))]
 
 
-def choose(rows: list[list[Reading]], confidence: Sequence[float]) -> list[list[int]]:
+def choose(rows: list[list[Reading]], evidence: Sequence[float]) -> list[list[int]]:
     """Per row, the indices (into `candidates(rows)`) of the digits read, given the model's evidence for each
     candidate's digit (its top logit, Model.predict_for_reading): of a glyph read whole and its cuts into
     touching digits, the one whose least sure digit is the surest wins (a cut must beat the whole by CUT_MARGIN,
@@ -215,11 +215,11 @@ def choose(rows: list[list[Reading]], confidence: Sequence[float]) -> list[list[
     for row in rows:
         chosen = []
         for reading in row:
-            best, best_score = [i], confidence[i] + (-WIDE_BONUS if reading.wide else CUT_MARGIN)
+            best, best_score = [i], evidence[i] + (-WIDE_BONUS if reading.wide else CUT_MARGIN)
             i += 1
             for cut in reading.cuts:
                 parts = list(range(i, i + len(cut)))
-                score = min(confidence[k] for k in parts)
+                score = min(evidence[k] for k in parts)
                 if score > best_score:
                     best, best_score = parts, score
                 i += len(cut)

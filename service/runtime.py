@@ -108,7 +108,6 @@ class Model:
     def __init__(self, session: ort.InferenceSession, card: ModelCard) -> None:
         self.session = session
         self.card = card
-        self._outputs = {output.name for output in session.get_outputs()}
 
     def predict(self, pixels: np.ndarray) -> np.ndarray:
         """pixels: float32 (N, 28, 28) in [0, 1], white on black -> float32 (N, len(labels)), rows sum to 1."""
@@ -126,11 +125,8 @@ class Model:
     def predict_for_reading(self, pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Like `predict_with_scores`, plus each input's top logit (N,), all from one run: the strength of the model's
         evidence for its digit, which keeps growing where the probability has saturated at ~1 (a touching "81"
-        read whole as an 8 is as sure as a clean 8, but with a smaller top logit). Needs the graph's logits output
-        (every export writes it); without it, the log of the top probability."""
-        outputs = self._run([self.card.output_name, *([LOGITS] if LOGITS in self._outputs else [])], pixels)
-        probabilities = outputs[0]
-        logits = outputs[-1] if len(outputs) > 1 else np.log(np.maximum(probabilities, 1e-30))
+        read whole as an 8 is as sure as a clean 8, but with a smaller top logit)."""
+        probabilities, logits = self._run([self.card.output_name, LOGITS], pixels)
         return probabilities, self._digit_scores(probabilities, logits), logits.max(axis=1)
 
     def _run(self, names: list[str], pixels: np.ndarray) -> list[np.ndarray]:
@@ -140,7 +136,7 @@ class Model:
     def _digit_scores(self, probabilities: np.ndarray, logits: np.ndarray) -> np.ndarray:
         if self.card.ood_score == "max_probability":
             return probabilities.max(axis=1)
-        logits = logits.astype(np.float64)  # logsumexp: a graph with a logsumexp score has a logits output
+        logits = logits.astype(np.float64)
         top = logits.max(axis=1)
         return (top + np.log(np.exp(logits - top[:, None]).sum(axis=1))).astype(np.float32)
 
@@ -202,6 +198,8 @@ def read_card(session: ort.InferenceSession, path: Path) -> ModelCard:
         problems.append(f"input_name {meta['input_name']!r} is not a graph input ({inputs})")
     if meta["output_name"] not in outputs:
         problems.append(f"output_name {meta['output_name']!r} is not a graph output ({outputs})")
+    if LOGITS not in outputs:  # /read compares readings by them (Model.predict_for_reading)
+        problems.append(f"no graph output {LOGITS!r} ({outputs}); `python -m training export` writes it")
     if not isinstance(meta["labels"], list) or len(meta["labels"]) != 10:
         problems.append(f"labels must be a JSON list of 10 names, got {raw['labels']!r}")
     if meta["ood_score"] not in OOD_SCORES:

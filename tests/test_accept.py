@@ -103,6 +103,7 @@ def test_a_worker_leaves_a_connection_to_one_that_holds_fewer_but_not_for_long()
     assert should_defer(mine=3, others=[9, 2], waited_s=0.0)
     assert not should_defer(mine=5, others=[GONE], waited_s=0.0)  # that worker stopped accepting
     assert not should_defer(mine=5, others=[0], waited_s=MAX_WAIT_S)  # the other is busy or stuck: take it
+    assert not should_defer(mine=BURST, others=[3], waited_s=0.0)  # under a burst: no waiting on the others
 
 
 def test_workers_see_each_others_counts_and_the_last_to_leave_removes_the_table(tmp_path: Path) -> None:

@@ -93,6 +93,16 @@ def test_refuses_metadata_that_disagrees_with_preprocessing(
     assert message in str(info.value)
 
 
+def test_refuses_a_graph_without_the_logits_output(cnn_path: Path, tmp_path: Path) -> None:
+    model = onnx.load(str(cnn_path))
+    logits = next(o for o in model.graph.output if o.name == "logits")
+    model.graph.output.remove(logits)
+    onnx.save(model, str(tmp_path / "no-logits.onnx"))
+    with pytest.raises(ModelError, match="cannot be served") as info:
+        load_model(tmp_path / "no-logits.onnx", "cpu")
+    assert "no graph output 'logits'" in str(info.value)
+
+
 def test_missing_file_names_the_path(tmp_path: Path) -> None:
     with pytest.raises(ModelError, match=r"no model file at .*nothing\.onnx"):
         load_model(tmp_path / "nothing.onnx", "cpu")
