@@ -59,9 +59,9 @@ TARGET_STROKE = 0.09
 THICK_STROKE = 0.16
 THICK_TARGET = 0.11
 # /read: a glyph is read as touching digits only when the top logit of their least sure digit beats the whole's
-# by this much; one too wide to be one digit, by any amount. Tuned on seed-1 pages of `make bench-read`, checked
-# on seeds 0 and 2 (docs/preprocessing.md).
-CUT_MARGIN = 2.0
+# by this much; one too wide to be one digit, by any amount (one wider than any digit, always: Reading.several).
+# Tuned on seed-1 pages of `make bench-read`, checked on seeds 0 and 2 (docs/preprocessing.md).
+CUT_MARGIN = 2.5
 WIDE_BONUS = 0.0
 # Pixels kept around the digit's mask: its anti-aliased edges, fainter than the mask's level.
 EDGE_PIXELS = 2
@@ -136,6 +136,7 @@ class Reading:
     # model which reading is the most likely (see `choose`).
     cuts: tuple[tuple[Reading, ...], ...] = ()
     wide: bool = False  # wider than one digit usually is on its row: a cut is favoured
+    several: bool = False  # wider than one digit ever is on its row: a cut, if there is one, is taken
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ def read_digits(image: Image.Image, *, max_digits: int) -> list[list[Reading]]:
             _render(page, glyph),
             tuple(tuple(reading(p, []) for p in cut) for cut in cuts),
             wide=bool(row) and segment.too_wide(glyph, row),
+            several=bool(row) and segment.too_wide(glyph, row, segment.SEVERAL_WIDTH),
         )
 
     return [[reading(glyph, row) for glyph in row] for row in rows]
@@ -207,7 +209,8 @@ def choose(rows: list[list[Reading]], evidence: Sequence[float]) -> list[list[in
     """Per row, the indices (into `candidates(rows)`) of the digits read, given the model's evidence for each
     candidate's digit (its top logit, Model.predict_for_reading): of a glyph read whole and its cuts into
     touching digits, the one whose least sure digit is the surest wins (a cut must beat the whole by CUT_MARGIN,
-    or may trail it by WIDE_BONUS for a glyph too wide to be one digit).
+    or may trail it by WIDE_BONUS for a glyph too wide to be one digit; for one wider than any digit, the best
+    cut wins).
 
     Logits, not probabilities: a touching "81" read whole is a perfect 8 at probability ~1, as are its two cut
     digits, so probabilities could not tell them apart; the whole's top logit is smaller."""
@@ -216,6 +219,8 @@ def choose(rows: list[list[Reading]], evidence: Sequence[float]) -> list[list[in
         chosen = []
         for reading in row:
             best, best_score = [i], evidence[i] + (-WIDE_BONUS if reading.wide else CUT_MARGIN)
+            if reading.several and reading.cuts:
+                best_score = -math.inf
             i += 1
             for cut in reading.cuts:
                 parts = list(range(i, i + len(cut)))

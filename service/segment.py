@@ -65,11 +65,15 @@ DIGIT_HEIGHT = 0.5
 DIGIT_MASS = 0.1
 
 # A glyph wider than TOUCHING_WIDTH times its row's usual height may be digits that touch (or a round 0: the
-# model decides); each is about DIGIT_WIDTH wide, and the cut between two is looked for within CUT_SEARCH of a
-# digit's width around the even split.
-TOUCHING_WIDTH = 0.7
-# ... and one wider than TOUCHING_SURE times it is more likely touching digits than one (see preprocess.choose).
+# model decides; 0.55 rather than 0.7 also tries narrow pairs, a 1 touching a 7, measured on `make bench-read`'s
+# seed-1 pages, docs/preprocessing.md); each is about DIGIT_WIDTH wide, and the cut between two is looked for
+# within CUT_SEARCH of a digit's width around the even split.
+TOUCHING_WIDTH = 0.55
+# ... one wider than TOUCHING_SURE times it is more likely touching digits than one, and one wider than
+# SEVERAL_WIDTH times it is never read as one digit when it can be cut (see preprocess.choose): on `make
+# bench-read`'s pages (three seeds) that took only touching pairs the model had read whole.
 TOUCHING_SURE = 1.15
+SEVERAL_WIDTH = 1.5
 # Two touching digits are also tried cut at the PAIR_CUTS thinnest columns between PAIR_MARGIN and 1 - PAIR_MARGIN.
 PAIR_CUTS = 3
 PAIR_MARGIN = 0.15
@@ -297,9 +301,10 @@ def _lines_of_text(tops: np.ndarray, bottoms: np.ndarray) -> list[tuple[int, int
     return [(spans[k][0], spans[k][1]) for k in owner]
 
 
-def too_wide(glyph: Glyph, row: list[Glyph]) -> bool:
-    """Wider than one digit usually is on this row: more likely digits that touch than one digit."""
-    return glyph.width > TOUCHING_SURE * max(float(np.median([g.height for g in row])), glyph.height)
+def too_wide(glyph: Glyph, row: list[Glyph], times: float = TOUCHING_SURE) -> bool:
+    """Wider than `times` the row's height (or its own): by default wider than one digit usually is on this row,
+    more likely digits that touch than one digit."""
+    return glyph.width > times * max(float(np.median([g.height for g in row])), glyph.height)
 
 
 def touching_cuts(glyph: Glyph, row: list[Glyph]) -> list[list[Glyph]]:

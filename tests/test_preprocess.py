@@ -19,7 +19,20 @@ import pytest
 from mnist_fixture import candidate_dirs, mnist_test
 from PIL import Image, ImageFilter
 
-from service.preprocess import ImageError, decode_image, pixels_to_array, preprocess, to_mnist, to_png
+from service.preprocess import (
+    CUT_MARGIN,
+    MNIST_SIDE,
+    WIDE_BONUS,
+    ImageError,
+    Reading,
+    candidates,
+    choose,
+    decode_image,
+    pixels_to_array,
+    preprocess,
+    to_mnist,
+    to_png,
+)
 
 LIMITS = {"max_bytes": 10_000_000, "max_pixels": 25_000_000}
 # One of each class, then more: digits 0..9 appear within the first 20 test images.
@@ -651,3 +664,23 @@ def test_to_png_rounds_and_checks_shape() -> None:
     assert np.array_equal(back, np.rint(values * 255).astype(np.uint8))
     with pytest.raises(ValueError, match=r"\(28, 28\)"):
         to_png(np.zeros((27, 28), np.float32))
+
+
+def test_choose_keeps_a_digit_whole_unless_its_cut_is_surer_and_cuts_what_no_digit_is_as_wide() -> None:
+    blank = np.zeros((MNIST_SIDE, MNIST_SIDE), np.float32)
+
+    def glyph(wide: bool = False, several: bool = False) -> Reading:
+        cut = (Reading((0, 0, 1, 1), blank), Reading((1, 0, 1, 1), blank))
+        return Reading((0, 0, 2, 1), blank, (cut,), wide=wide, several=several)
+
+    # Evidence per candidate, in candidates() order: the whole, then its cut's two digits.
+    rows = [[glyph(), glyph(), glyph(wide=True), glyph(several=True)]]
+    assert len(candidates(rows)) == 12
+    below, above = CUT_MARGIN - 0.5, CUT_MARGIN + 0.5
+    evidence = [
+        *(5.0, 5.0 + below, 9.0),  # a cut surer by less than the margin: the whole stays
+        *(5.0, 5.0 + above, 9.0),  # surer by more: cut
+        *(5.0, 5.0 + WIDE_BONUS + 0.1, 9.0),  # too wide for one digit: the cut needs only to be as sure
+        *(9.0, 1.0, 1.0),  # wider than any digit: cut, however sure the whole
+    ]
+    assert choose(rows, evidence) == [[0, 4, 5, 7, 8, 10, 11]]
