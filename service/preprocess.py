@@ -218,9 +218,8 @@ def choose(rows: list[list[Reading]], evidence: Sequence[float]) -> list[list[in
     for row in rows:
         chosen = []
         for reading in row:
-            best, best_score = [i], evidence[i] + (-WIDE_BONUS if reading.wide else CUT_MARGIN)
-            if reading.several and reading.cuts:
-                best_score = -math.inf
+            whole = -math.inf if reading.several and reading.cuts else evidence[i]
+            best, best_score = [i], whole + (-WIDE_BONUS if reading.wide else CUT_MARGIN)
             i += 1
             for cut in reading.cuts:
                 parts = list(range(i, i + len(cut)))
