@@ -147,8 +147,8 @@ def test_touching_digits_are_split_where_the_ink_is_thinnest(digits: np.ndarray)
     assert cuts and all(len(parts) == 2 and parts[0].right <= parts[1].left + 2 for parts in cuts)
     # The first cut is the even split's thinnest column: within the overlap of the two boxes (75..110).
     assert 70 <= cuts[0][0].right <= 115, cuts[0][0].right
-    # A single digit is not too wide; a narrow one (MNIST test digit 2, a 1) has no cut to try, while a 7 as wide
-    # as two touching 1s would be does (the model decides, preprocess.choose).
+    # A single digit is not too wide; a narrow one (MNIST test digit 2, a 1) has no cut to try, while this 7, wider
+    # than TOUCHING_WIDTH of its height, has one (the model decides, preprocess.choose).
     single = segment.glyphs(page[:, :80], page[:, :80] > 0.3)
     assert not segment.too_wide(single[0], single) and not segment.too_wide(single[0], single, segment.SEVERAL_WIDTH)
     assert single[0].width > segment.TOUCHING_WIDTH * single[0].height and segment.touching_cuts(single[0], single)
