@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import io
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -129,6 +130,48 @@ def read(session: ort.InferenceSession, data: bytes) -> str:
     return "\n".join("".join(str(int(probabilities[k].argmax())) for k in row) for row in chosen)
 
 
+@dataclass(frozen=True)
+class Score:
+    """One family's pages read: how many, read whole right, with the right count of digits; edits from the truth
+    over its length (per digit: 1 - errors / length); seconds per page."""
+
+    pages: int
+    right: int
+    counted: int
+    errors: int
+    length: int
+    seconds: float
+
+
+def measure(
+    session: ort.InferenceSession,
+    family: str,
+    digits: tuple[np.ndarray, np.ndarray],
+    pages: int,
+    seed: int,
+    save: Path | None = None,
+) -> Score:
+    """Read `pages` pages of `family` built from `digits` (MNIST test images, labels) with `seed`; save them (named
+    by what was on them and what was read) under `save` if given."""
+    rng = np.random.default_rng([seed, FAMILIES.index(family)])
+    made = [page(family, rng, *digits) for _ in range(pages)]
+    right = counted = errors = length = 0
+    start = time.perf_counter()
+    for i, (data, truth) in enumerate(made):
+        got = read(session, data)
+        right += got == truth
+        counted += len(got.replace("\n", "")) == len(truth.replace("\n", ""))
+        errors += edit_distance(got, truth)
+        length += len(truth)
+        if save:
+            folder = save / family
+            folder.mkdir(parents=True, exist_ok=True)
+            suffix = "png" if data[:4] == b"\x89PNG" else "jpg"
+            name = f"{i:04d}-{truth.replace(chr(10), '_')}-read-{got.replace(chr(10), '_') or 'none'}.{suffix}"
+            (folder / name).write_bytes(data)
+    return Score(pages, right, counted, errors, length, (time.perf_counter() - start) / pages)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=REPO / "exported" / "mnist-cnn.onnx", help="ONNX model")
@@ -140,7 +183,7 @@ def main() -> None:
     args = parser.parse_args()
 
     arrays = load_arrays(args.data_dir)
-    images, labels = arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"]
+    digits = arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"]
     session = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
     print(f"model {args.model.name}; {args.pages} pages per family (seed {args.seed})")
     print(f"{'family':10} {'string':>8} {'count':>8} {'per digit':>10} {'ms/page':>9}")
@@ -149,28 +192,13 @@ def main() -> None:
         if family == "fonts" and not any(FONT_DIR.glob("DejaVu*.ttf")):
             print(f"{family:10} skipped: no DejaVu fonts in {FONT_DIR}")
             continue
-        rng = np.random.default_rng([args.seed, FAMILIES.index(family)])
-        pages = [page(family, rng, images, labels) for _ in range(args.pages)]
-        right = counted = errors = length = 0
-        start = time.perf_counter()
-        for i, (data, truth) in enumerate(pages):
-            got = read(session, data)
-            right += got == truth
-            counted += len(got.replace("\n", "")) == len(truth.replace("\n", ""))
-            errors += edit_distance(got, truth)
-            length += len(truth)
-            if args.save:
-                folder = args.save / family
-                folder.mkdir(parents=True, exist_ok=True)
-                suffix = "png" if data[:4] == b"\x89PNG" else "jpg"
-                (
-                    folder
-                    / f"{i:04d}-{truth.replace(chr(10), '_')}-read-{got.replace(chr(10), '_') or 'none'}.{suffix}"
-                ).write_bytes(data)
-        seconds = (time.perf_counter() - start) / len(pages)
-        n = len(pages)
-        print(f"{family:10} {right / n:8.1%} {counted / n:8.1%} {1 - errors / length:10.1%} {seconds * 1e3:9.2f}")
-        all_errors, all_length = all_errors + errors, all_length + length
+        score = measure(session, family, digits, args.pages, args.seed, args.save)
+        n = score.pages
+        print(
+            f"{family:10} {score.right / n:8.1%} {score.counted / n:8.1%} {1 - score.errors / score.length:10.1%}"
+            f" {score.seconds * 1e3:9.2f}"
+        )
+        all_errors, all_length = all_errors + score.errors, all_length + score.length
     # Every digit of every page read, whatever its family: the per-digit figure of the issue's "per digit >= 98%".
     if all_length:
         print(f"{'all pages':10} {'':8} {'':8} {1 - all_errors / all_length:10.1%}")

@@ -63,6 +63,11 @@ THICK_TARGET = 0.11
 # Tuned on seed-1 pages of `make bench-read`, checked on seeds 0 and 2 (docs/preprocessing.md).
 CUT_MARGIN = 2.5
 WIDE_BONUS = 0.0
+# ... and by SEARCH_MARGIN (SEARCH_WIDE_MARGIN for one too wide to be one digit) for a cut of the search
+# (segment.searched_cuts): of the eight or so tries on a single digit, one may split it into two plausible halves by
+# chance. Tuned on seeds 0 and 1, checked on seed 2 (docs/preprocessing.md).
+SEARCH_MARGIN = 6.0
+SEARCH_WIDE_MARGIN = 1.0
 # Pixels kept around the digit's mask: its anti-aliased edges, fainter than the mask's level.
 EDGE_PIXELS = 2
 
@@ -135,6 +140,7 @@ class Reading:
     # For a glyph wide enough to be digits that touch: ways to cut the same ink into them; the caller asks the
     # model which reading is the most likely (see `choose`).
     cuts: tuple[tuple[Reading, ...], ...] = ()
+    searched: tuple[tuple[Reading, ...], ...] = ()  # more cuts in two, from a search (segment.searched_cuts)
     wide: bool = False  # wider than one digit usually is on its row: a cut is favoured
     several: bool = False  # wider than one digit ever is on its row: a cut, if there is one, is taken
 
@@ -189,10 +195,12 @@ def read_digits(image: Image.Image, *, max_digits: int) -> list[list[Reading]]:
 
     def reading(glyph: segment.Glyph, row: list[segment.Glyph]) -> Reading:
         cuts = segment.touching_cuts(glyph, row) if row else []
+        searched = segment.searched_cuts(glyph, row, cuts) if row else []
         return Reading(
             _box(glyph, page.scale),
             _render(page, glyph),
             tuple(tuple(reading(p, []) for p in cut) for cut in cuts),
+            tuple(tuple(reading(p, []) for p in cut) for cut in searched),
             wide=bool(row) and segment.too_wide(glyph, row),
             several=bool(row) and segment.too_wide(glyph, row, segment.SEVERAL_WIDTH),
         )
@@ -201,16 +209,22 @@ def read_digits(image: Image.Image, *, max_digits: int) -> list[list[Reading]]:
 
 
 def candidates(rows: list[list[Reading]]) -> list[Reading]:
-    """What to run through the model for a `read_digits` result, in order: each reading, then its cuts' parts."""
-    return [c for row in rows for reading in row for c in (reading, *(p for cut in reading.cuts for p in cut))]
+    """What to run through the model for a `read_digits` result, in order: each reading, then the parts of its cuts,
+    then of its searched cuts."""
+    return [
+        c
+        for row in rows
+        for reading in row
+        for c in (reading, *(p for cut in (*reading.cuts, *reading.searched) for p in cut))
+    ]
 
 
 def choose(rows: list[list[Reading]], evidence: Sequence[float]) -> list[list[int]]:
     """Per row, the indices (into `candidates(rows)`) of the digits read, given the model's evidence for each
     candidate's digit (its top logit, Model.predict_for_reading): of a glyph read whole and its cuts into
-    touching digits, the one whose least sure digit is the surest wins (a cut must beat the whole by CUT_MARGIN,
-    or may trail it by WIDE_BONUS for a glyph too wide to be one digit; for one wider than any digit, the best
-    cut wins).
+    touching digits, the one whose least sure digit is the surest wins, a cut less its margin (CUT_MARGIN, or
+    -WIDE_BONUS for a glyph too wide to be one digit; SEARCH_MARGIN or SEARCH_WIDE_MARGIN for a searched cut).
+    For a glyph wider than any digit, the best cut wins.
 
     Logits, not probabilities: a touching "81" read whole is a perfect 8 at probability ~1, as are its two cut
     digits, so probabilities could not tell them apart; the whole's top logit is smaller."""
@@ -218,15 +232,17 @@ def choose(rows: list[list[Reading]], evidence: Sequence[float]) -> list[list[in
     for row in rows:
         chosen = []
         for reading in row:
-            whole = -math.inf if reading.several and reading.cuts else evidence[i]
-            best, best_score = [i], whole + (-WIDE_BONUS if reading.wide else CUT_MARGIN)
+            margins = (-WIDE_BONUS, SEARCH_WIDE_MARGIN) if reading.wide else (CUT_MARGIN, SEARCH_MARGIN)
+            cut_anyway = reading.several and bool(reading.cuts or reading.searched)
+            best, best_score = [i], -math.inf if cut_anyway else evidence[i]
             i += 1
-            for cut in reading.cuts:
-                parts = list(range(i, i + len(cut)))
-                score = min(evidence[k] for k in parts)
-                if score > best_score:
-                    best, best_score = parts, score
-                i += len(cut)
+            for cuts, margin in zip((reading.cuts, reading.searched), margins, strict=True):
+                for cut in cuts:
+                    parts = list(range(i, i + len(cut)))
+                    score = min(evidence[k] for k in parts) - margin
+                    if score > best_score:
+                        best, best_score = parts, score
+                    i += len(cut)
             chosen += best
         out.append(chosen)
     return out

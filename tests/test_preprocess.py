@@ -22,6 +22,8 @@ from PIL import Image, ImageFilter
 from service.preprocess import (
     CUT_MARGIN,
     MNIST_SIDE,
+    SEARCH_MARGIN,
+    SEARCH_WIDE_MARGIN,
     WIDE_BONUS,
     ImageError,
     Reading,
@@ -684,3 +686,25 @@ def test_choose_keeps_a_digit_whole_unless_its_cut_is_surer_and_cuts_what_no_dig
         *(9.0, 1.0, 1.0),  # wider than any digit: cut, however sure the whole
     ]
     assert choose(rows, evidence) == [[0, 4, 5, 7, 8, 10, 11]]
+
+
+def test_choose_asks_a_searched_cut_for_more_evidence_than_a_cut_the_ink_suggests() -> None:
+    blank = np.zeros((MNIST_SIDE, MNIST_SIDE), np.float32)
+    cut = (Reading((0, 0, 1, 1), blank), Reading((1, 0, 1, 1), blank))
+
+    def glyph(suggested: bool = False, wide: bool = False) -> Reading:
+        return Reading((0, 0, 2, 1), blank, (cut,) if suggested else (), (cut,), wide=wide)
+
+    # Evidence per candidate, in candidates() order: the whole, then the suggested cut's digits, then the searched's.
+    rows = [[glyph(), glyph(), glyph(wide=True), glyph(wide=True), glyph(suggested=True)]]
+    assert len(candidates(rows)) == 17
+    evidence = [
+        *(5.0, 5.0 + SEARCH_MARGIN - 0.5, 20.0),  # short of its margin: the whole stays
+        *(5.0, 5.0 + SEARCH_MARGIN + 0.5, 20.0),  # past it: cut
+        *(5.0, 5.0 + SEARCH_WIDE_MARGIN - 0.5, 20.0),  # too wide for one digit: a smaller margin, still one
+        *(5.0, 5.0 + SEARCH_WIDE_MARGIN + 0.5, 20.0),
+        # Both cuts beat the whole by more than their margins; the searched one is the surer, but not by the
+        # difference of the margins: the suggested cut wins.
+        *(5.0, 5.0 + CUT_MARGIN + 1.0, 20.0, 5.0 + SEARCH_MARGIN + 0.5, 20.0),
+    ]
+    assert choose(rows, evidence) == [[0, 4, 5, 6, 10, 11, 13, 14]]

@@ -158,6 +158,32 @@ def test_touching_digits_are_split_where_the_ink_is_thinnest(digits: np.ndarray)
     assert len(narrow) == 1 and not segment.touching_cuts(narrow[0], narrow)
 
 
+def test_touching_digits_are_also_cut_straight_down_across_their_middle(digits: np.ndarray) -> None:
+    a, b = (np.asarray(Image.fromarray(d).resize((100, 100))) / 255 for d in digits[:2])
+    page = np.zeros((120, 200), np.float32)
+    page[10:110, 10:110] = a
+    page[10:110, 85:185] = np.maximum(page[10:110, 85:185], b)
+    page[60:64, 60:110] = 1.0
+    rows = segment.reading_order(segment.glyphs(page, page > 0.3))
+    (glyph,) = rows[0]
+    suggested = segment.touching_cuts(glyph, rows[0])
+    searched = segment.searched_cuts(glyph, rows[0], suggested)
+    # About one cut per SEARCH_STEP of the middle, none of them one already suggested, ...
+    middle = (1 - 2 * segment.PAIR_MARGIN) / segment.SEARCH_STEP
+    assert middle - 2 <= len(searched) <= middle + 2
+    assert not {segment._key(parts) for parts in searched} & {segment._key(parts) for parts in suggested}
+    # ... each straight down: the left part ends where the right begins, both in the glyph's middle.
+    low, high = glyph.left + segment.PAIR_MARGIN * glyph.width - 1, glyph.right - segment.PAIR_MARGIN * glyph.width
+    assert all(len(parts) == 2 and parts[0].right <= parts[1].left for parts in searched)
+    assert all(low <= parts[0].right and parts[1].left <= high + 1 for parts in searched)
+    assert len({parts[1].left for parts in searched}) == len(searched)
+    # A digit too narrow to be two is not searched.
+    one = np.zeros((120, 120), np.float32)
+    one[10:110, 10:110] = np.asarray(Image.fromarray(digits[2]).resize((100, 100))) / 255
+    narrow = segment.glyphs(one, one > 0.3)
+    assert segment.searched_cuts(narrow[0], narrow, []) == []
+
+
 def test_reading_order_puts_rows_top_to_bottom(digits: np.ndarray) -> None:
     page = np.zeros((260, 300), np.float32)
     for i, (row, col) in enumerate([(10, 150), (10, 20), (140, 90)]):
