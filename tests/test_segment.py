@@ -177,7 +177,7 @@ def test_touching_digits_are_also_cut_straight_down_across_their_middle(digits: 
     assert all(len(parts) == 2 and parts[0].right <= parts[1].left for parts in searched)
     assert all(low <= parts[0].right and parts[1].left <= high + 1 for parts in searched)
     assert len({parts[1].left for parts in searched}) == len(searched)
-    # A digit too narrow to be two is not searched.
+    # A digit narrower than SHAPED_CUTS_WIDTH of its height (a 1) is not searched.
     one = np.zeros((120, 120), np.float32)
     one[10:110, 10:110] = np.asarray(Image.fromarray(digits[2]).resize((100, 100))) / 255
     narrow = segment.glyphs(one, one > 0.3)
