@@ -20,7 +20,8 @@ keep-alive connections, 8 runs: splits of 16/0 (twice: half the throughput), 13/
 (twice); the worker with more connections sets the p99. So the workers also publish how many connections each
 holds (`ConnectionTable`, one slot per worker in a small shared file), and a worker that holds more than
 another lets a small queue's connection go to it: it stops watching the socket for DEFER_S, then looks again
-(8 runs with it: 8/8 or 9/7).
+(8 runs with it: 8/8 or 9/7. The 9/7s came from a worker's count set back by its protocols' lagging count
+while it was still accepting, see publish_connections; without that, 7 runs of 8 split 8/8, one 9/7).
 A worker never defers a connection for longer than MAX_WAIT_S, so a busy, stuck or dead worker delays new
 connections by at most that. And a worker that holds BURST connections or more (a burst of thousands: each
 turn of its loop lasts long) neither defers nor takes one at a time, but takes the whole small queue: one
@@ -158,10 +159,15 @@ _table: ConnectionTable | None = None
 _table_failed = False
 
 
-def publish_connections(count: int) -> None:
-    """Tell the other workers how many connections this one holds now (connections.py, on each open and close)."""
+def publish_connections(count: int, opened: bool) -> None:
+    """Tell the other workers how many connections this one holds now (connections.py, on each open and close).
+
+    An accept counts its connection at once (spread_accepts), but the connection's protocol starts a turn or two of
+    the loop later: while a pool is accepted, the protocols' count lags the accepts, and publishing it on an open
+    made this worker look emptier than it was, so it took more (wrk's 16 split 9/7 in half the runs). So an open
+    never lowers the count; a close sets it (every closed connection had its protocol)."""
     if _table is not None:
-        _table.publish(count)
+        _table.publish(max(count, _table.mine_and_others()[0]) if opened else count)
 
 
 def stop_accepting(loop: Any, sock: socket.socket) -> None:

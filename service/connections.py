@@ -148,13 +148,13 @@ class GuardedH11Protocol(H11Protocol):
         super().connection_made(transport)
         self.transport = LingeringTransport(transport, self._client_may_be_sending)  # type: ignore[assignment]
         self._await_headers()
-        publish_connections(len(self.server_state.connections))  # for the other workers' accepts (accept.py)
+        publish_connections(len(self.server_state.connections), opened=True)  # for the others' accepts (accept.py)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_header_timer()
         self.transport.cancel()
         super().connection_lost(exc)
-        publish_connections(len(self.server_state.connections))
+        publish_connections(len(self.server_state.connections), opened=False)
 
     def data_received(self, data: bytes) -> None:
         if not self.transport.lingering:  # a half-closed connection's bytes are discarded

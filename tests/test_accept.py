@@ -147,6 +147,17 @@ def test_a_worker_leaves_a_small_queue_to_one_holding_fewer_and_takes_all_of_it_
     assert accepted == {"even": 1, "more than the other": 0, "a burst's worth": PENDING, "the other stopped": 1}
 
 
+def test_an_open_never_lowers_the_count_its_accept_published_and_a_close_sets_it(first_of_two_workers) -> None:
+    mine, _ = first_of_two_workers
+    mine.publish(5)  # five accepted; the protocols of two of them not made yet
+    accept.publish_connections(3, opened=True)
+    assert mine.mine_and_others()[0] == 5
+    accept.publish_connections(6, opened=True)
+    assert mine.mine_and_others()[0] == 6
+    accept.publish_connections(4, opened=False)
+    assert mine.mine_and_others()[0] == 4
+
+
 def test_the_tables_of_servers_that_are_gone_are_removed(tmp_path: Path) -> None:
     finished = subprocess.Popen(["true"])
     finished.wait()  # reaped: its pid names no process now
