@@ -311,7 +311,7 @@ def _lines_of_text(tops: np.ndarray, bottoms: np.ndarray) -> list[tuple[int, int
 def too_wide(glyph: Glyph, row: list[Glyph], times: float = TOUCHING_SURE) -> bool:
     """Wider than `times` the row's height (or its own): by default wider than one digit usually is on this row,
     more likely digits that touch than one digit."""
-    return glyph.width > times * max(float(np.median([g.height for g in row])), glyph.height)
+    return glyph.width > times * _row_height(glyph, row)
 
 
 def touching_cuts(glyph: Glyph, row: list[Glyph]) -> list[list[Glyph]]:
@@ -323,7 +323,7 @@ def touching_cuts(glyph: Glyph, row: list[Glyph]) -> list[list[Glyph]]:
     (digits that overlap without touching); and along the path of least ink near each cut (digits that touch at a
     slant, where no straight column parts them). Whether any is right is the model's call.
     """
-    height = max(float(np.median([g.height for g in row])), glyph.height)
+    height = _row_height(glyph, row)
     if glyph.width <= TOUCHING_WIDTH * height:
         return []
     count = max(2, round(glyph.width / (DIGIT_WIDTH * height)))
@@ -373,22 +373,28 @@ def searched_cuts(glyph: Glyph, row: list[Glyph], tried: list[list[Glyph]]) -> l
     already `tried` (touching_cuts'); [] when it is narrower than SHAPED_CUTS_WIDTH of its row's height. Many
     tries, so some single digit's two halves will look like digits: the caller asks for more evidence before taking
     one (preprocess.choose)."""
-    height = max(float(np.median([g.height for g in row])), glyph.height)
-    if glyph.width <= SHAPED_CUTS_WIDTH * height:
+    if glyph.width <= SHAPED_CUTS_WIDTH * _row_height(glyph, row):
         return []
     seen = {_key(parts) for parts in tried}
     step = max(1, round(SEARCH_STEP * glyph.width))
     out = []
     for column in range(round(PAIR_MARGIN * glyph.width), round((1 - PAIR_MARGIN) * glyph.width) + 1, step):
         left, right = _trimmed(glyph, 0, column), _trimmed(glyph, column, glyph.width)
-        if left is not None and right is not None and _key([left, right]) not in seen:
-            seen.add(_key([left, right]))
-            out.append([left, right])
+        if left is None or right is None or (key := _key([left, right])) in seen:
+            continue
+        seen.add(key)
+        out.append([left, right])
     return out
 
 
 def _key(parts: list[Glyph]) -> tuple:
+    """The same parts reached two ways have the same key."""
     return tuple((p.left, p.top, p.width, p.height, int(p.mask.sum())) for p in parts)
+
+
+def _row_height(glyph: Glyph, row: list[Glyph]) -> float:
+    """The usual height of a digit on the glyph's row (its own if taller): the unit of widths."""
+    return max(float(np.median([g.height for g in row])), glyph.height)
 
 
 def _piece_splits(glyph: Glyph, height: float) -> list[list[Glyph]]:
@@ -543,7 +549,7 @@ def _running(values: np.ndarray, window: int, op: np.ufunc, pad: str) -> np.ndar
         cur = np.pad(values, widths, mode=pad, reflect_type="odd")
     elif size:
         # By hand: np.pad costs tens of microseconds a call, a fifth of /read's time (each candidate's mask is
-        # widened) and some of /predict's.
+        # widened once).
         cur = np.empty((values.shape[0], size + window - 1), values.dtype)
         cur[:, radius : radius + size] = values
         cur[:, :radius] = values[:, :1]
