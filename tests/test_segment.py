@@ -133,12 +133,18 @@ def test_a_long_stroke_that_does_not_cross_the_page_is_no_line() -> None:
     assert not segment.remove_lines(mask).any()
 
 
-def test_touching_digits_are_split_where_the_ink_is_thinnest(digits: np.ndarray) -> None:
+def touching_pair(digits: np.ndarray) -> np.ndarray:
+    """MNIST test digits 0 and 1 (a 7 and a 2) drawn 100 px tall, their boxes overlapping, joined by a stroke."""
     a, b = (np.asarray(Image.fromarray(d).resize((100, 100))) / 255 for d in digits[:2])
     page = np.zeros((120, 200), np.float32)
     page[10:110, 10:110] = a
     page[10:110, 85:185] = np.maximum(page[10:110, 85:185], b)  # overlapping boxes
     page[60:64, 60:110] = 1.0  # and a stroke that joins them: the ink touches
+    return page
+
+
+def test_touching_digits_are_split_where_the_ink_is_thinnest(digits: np.ndarray) -> None:
+    page = touching_pair(digits)
     rows = segment.reading_order(segment.glyphs(page, page > 0.3))
     assert len(rows) == 1 and len(rows[0]) == 1
     (glyph,) = rows[0]
@@ -159,11 +165,7 @@ def test_touching_digits_are_split_where_the_ink_is_thinnest(digits: np.ndarray)
 
 
 def test_touching_digits_are_also_cut_straight_down_across_their_middle(digits: np.ndarray) -> None:
-    a, b = (np.asarray(Image.fromarray(d).resize((100, 100))) / 255 for d in digits[:2])
-    page = np.zeros((120, 200), np.float32)
-    page[10:110, 10:110] = a
-    page[10:110, 85:185] = np.maximum(page[10:110, 85:185], b)
-    page[60:64, 60:110] = 1.0
+    page = touching_pair(digits)
     rows = segment.reading_order(segment.glyphs(page, page > 0.3))
     (glyph,) = rows[0]
     suggested = segment.touching_cuts(glyph, rows[0])
@@ -177,11 +179,11 @@ def test_touching_digits_are_also_cut_straight_down_across_their_middle(digits: 
     assert all(len(parts) == 2 and parts[0].right <= parts[1].left for parts in searched)
     assert all(low <= parts[0].right and parts[1].left <= high + 1 for parts in searched)
     assert len({parts[1].left for parts in searched}) == len(searched)
-    # A digit narrower than SHAPED_CUTS_WIDTH of its height (a 1) is not searched.
-    one = np.zeros((120, 120), np.float32)
-    one[10:110, 10:110] = np.asarray(Image.fromarray(digits[2]).resize((100, 100))) / 255
-    narrow = segment.glyphs(one, one > 0.3)
-    assert segment.searched_cuts(narrow[0], narrow, []) == []
+    # The 7 alone, wider than TOUCHING_WIDTH (it gets the suggested cuts) but narrower than SHAPED_CUTS_WIDTH of its
+    # height, is not searched.
+    single = segment.glyphs(page[:, :80], page[:, :80] > 0.3)
+    assert segment.TOUCHING_WIDTH * single[0].height < single[0].width <= segment.SHAPED_CUTS_WIDTH * single[0].height
+    assert segment.searched_cuts(single[0], single, []) == []
 
 
 def test_reading_order_puts_rows_top_to_bottom(digits: np.ndarray) -> None:
