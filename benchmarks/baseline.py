@@ -1,7 +1,7 @@
 """The servers `make bench` measures ours against, each under plain uvicorn (issue 14):
 
 - `fastapi_app`: the obvious 30-line alternative to our service, FastAPI + ONNX Runtime with the same
-  `service.preprocess` and the same model file, answering /predict with the digit, its confidence and the
+  `service.imaging.preprocess` and the same model file, answering /predict with the digit, its confidence and the
   probabilities. Written to be as fast as a careful user would make it: `async def` (a 28x28 PNG costs less
   than handing it to a thread pool), one ONNX Runtime thread per worker (one worker per core), no access log.
 - `floor_app`: a bare ASGI app that reads the request and answers a constant: what HTTP alone costs under
@@ -37,7 +37,7 @@ import uvicorn
 from fastapi import FastAPI, UploadFile
 from fastapi.responses import JSONResponse
 
-from service.preprocess import ImageError, preprocess
+from service.imaging.preprocess import ImageError, preprocess
 from service.settings import Settings
 
 MODEL = Path(os.environ.get("MNIST_BASELINE_MODEL", Path(__file__).resolve().parent.parent / "exported/mnist-cnn.onnx"))

@@ -12,7 +12,8 @@ MNIST *test* digits are rendered the way people actually send digits, one family
 
 Each is classified by an ONNX model after (a) the tutorial pipeline ``convert("L").resize((28, 28))``, inverted when
 mostly light, (b) ``service/preprocess.py`` as it was before the robustness work (read from git, ``--baseline``),
-and (c) ``service.preprocess.preprocess`` as it is now. The untouched 28x28 digits give the model's own accuracy.
+and (c) ``service.imaging.preprocess.preprocess`` as it is now. The untouched 28x28 digits give the model's own
+accuracy.
 
     .venv/bin/python benchmarks/preprocess_accuracy.py [--model exported/mnist-cnn.onnx] [--per-family 250]
 """
@@ -32,7 +33,7 @@ import numpy as np
 import onnxruntime as ort
 from PIL import Image, ImageDraw, ImageFilter
 
-from service.preprocess import preprocess
+from service.imaging.preprocess import preprocess
 from training.data import load_arrays
 
 REPO = Path(__file__).resolve().parent.parent

@@ -6,7 +6,8 @@ Pages are built from MNIST *test* digits (2-8 per page, gaps of 10-60% of a digi
 - ``separated``: 2-5 digits with gaps; ``long``: 6-8 digits; ``touching``: 2-5 digits where one pair touches or
   overlaps a little; ``two-rows``: two rows of 2-4 digits; ``fonts``: 2-6 typeset digits, separated.
 
-Each page goes through ``service.preprocess.read_digits`` and the model in one batch, as ``/read`` does. Printed per
+Each page goes through ``service.imaging.preprocess.read_digits`` and the model in one batch, as ``/read`` does.
+Printed per
 family: whole-string accuracy, the share of pages with the right number of digits, and per-digit accuracy
 (1 - edit distance / length, so a missed or extra digit costs one).
 
@@ -26,7 +27,7 @@ import onnxruntime as ort
 from PIL import Image, ImageDraw, ImageFont
 
 from benchmarks.preprocess_accuracy import PEN_COLOURS, _ink, _lay, _paper, _photo, _shadow
-from service.preprocess import ImageError, candidates, choose, decode_image, read_digits
+from service.imaging.preprocess import ImageError, candidates, choose, decode_image, read_digits
 from training.data import load_arrays
 
 REPO = Path(__file__).resolve().parent.parent

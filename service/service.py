@@ -1,40 +1,47 @@
 """The BentoML service: uploaded digits in, probabilities out (API described in README.md, "HTTP API").
 
-Thin on purpose: preprocess.py turns bytes into pixels, runtime.py owns ONNX Runtime and the model cards,
-uploads.py reads bodies within limits, answers.py runs a request's images through a model.
+Thin on purpose; it wires three layers, whose imports point down only:
+- `imaging/`: bytes -> 28x28 pixels (decode, light, lines, glyphs, cuts); pure Pillow and numpy, no HTTP, no model;
+- `inference/`: ONNX Runtime sessions and model cards, a request's images through a model, metrics;
+- `http/`: request bodies within limits, bounded work, the fast path, request IDs, the page, and (patches.py)
+  every patch of a server internal, applied only here in a serving worker.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import gc
+import logging
 import re
 from typing import Any
 
 import bentoml
-from bentoml._internal.context import server_context
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from . import web
-from .accept import spread_accepts
-from .answers import CLIENT_ERRORS, classify, classify_pixels, is_small, read_number
-from .connections import harden_worker
-from .fastpath import FastPath, api_routes
-from .runtime import Registry
+from .errors import ClientError
+from .http import patches, web
+from .http.fastpath import FastPath, api_routes
+from .http.patches import JSONAnswer, MultipartRequest, RawRequest
+from .http.requestid import RequestIds
+from .http.ui import ui_app
+from .http.uploads import read_images, read_json
+from .http.work import Offloader, request_pixels
+from .inference.answers import classify, classify_pixels, is_small, read_number
+from .inference.runtime import Registry
 from .settings import Settings
-from .ui import ui_app
-from .uploads import JSONAnswer, MultipartRequest, RawRequest, read_images, read_json
-from .work import Offloader, request_pixels
 
 SETTINGS = Settings.from_env()
-if SETTINGS.workers > 1:
-    # Else one worker takes every keep-alive connection; each worker also leaves a connection to one holding
-    # fewer (see accept.py).
-    spread_accepts(SETTINGS.workers, server_context.worker_index)
-if server_context.worker_index is not None:  # a worker process, not `bentoml serve` itself
-    harden_worker(SETTINGS)  # header timeout, graceful drain, exit with the parent (see connections.py)
+# BentoML's worker sets its index before it imports this module; `bentoml serve` itself, `bentoml build` and the
+# tests import it without one, and get no patch (http/patches.py says why it must be here, at import).
+if bentoml.server_context.worker_index is not None:
+    # BentoML's server logging shows its own loggers' INFO lines and only warnings of others: ours at INFO too
+    # (start-up lines, client errors with their request ID, the access log).
+    logging.getLogger(__package__).setLevel(logging.INFO)
+    patches.install(SETTINGS, bentoml.server_context.worker_index)
 # BentoML's CORS middleware, only for the origins named (off by default).
 CORS = {
     "cors": {
@@ -60,13 +67,15 @@ model_app = Starlette(routes=[Route("/model", model_cards, methods=["GET"]), *we
 # BentoML keeps every request's state alive until its timeout timer fires, even after the answer is sent:
 # at ~1,000 requests/s a 30 s timeout holds ~30,000 requests' objects and makes each full garbage
 # collection take 200+ ms (measured, docs/benchmarks.md). Our slowest legitimate request is far below 10 s.
+# The API routes have our own deadline of MNIST_REQUEST_TIMEOUT_S (fastpath.py); BentoML's, a second later, is
+# the backstop for the rest.
 @bentoml.service(
     name="mnist",
     workers=SETTINGS.workers,
     threads=SETTINGS.threads,
-    traffic={"timeout": SETTINGS.request_timeout_s},
-    # One log line per request is BentoML's default; off unless MNIST_ACCESS_LOG=1 (README, "Settings").
-    logging={"access": {"enabled": SETTINGS.access_log}},
+    traffic={"timeout": SETTINGS.request_timeout_s + 1},
+    # Our access log (requestid.py, MNIST_ACCESS_LOG=1) carries the request ID; BentoML's would be a second line.
+    logging={"access": {"enabled": False}},
     **({"http": CORS} if SETTINGS.cors_origins else {}),
 )
 class MNIST:
@@ -74,6 +83,9 @@ class MNIST:
         self.registry = Registry.load(SETTINGS)
         self.work: Offloader | None = None
         tune_garbage_collector()
+        # BentoML makes the instance in the worker's lifespan, inside its event loop; a script or test has none.
+        with contextlib.suppress(RuntimeError):
+            patches.report(asyncio.get_running_loop())
 
     # The API methods, as BentoML sees them (OpenAPI, routes, clients). Each one's work is in its handler,
     # `handle_<name>(request)`, which FastPath (fastpath.py) calls directly for requests over HTTP; the
@@ -120,7 +132,7 @@ class MNIST:
                 pixels = request_pixels(upload.files, SETTINGS.max_request_pixels)
                 answers = await self._offload(classify, *args, pixels=pixels, request=request)
             return JSONResponse(answers[0])
-        except CLIENT_ERRORS as exc:
+        except ClientError as exc:
             return rejection(exc)
 
     async def handle_predict_batch(self, request: Request) -> JSONResponse:
@@ -136,7 +148,7 @@ class MNIST:
                 classify, model, upload.files, upload.flag("return_image"), SETTINGS, pixels=pixels, request=request
             )
             return JSONResponse({"predictions": answers, "model": model.card.name, "version": model.card.version})
-        except CLIENT_ERRORS as exc:
+        except ClientError as exc:
             return rejection(exc)
 
     async def handle_read(self, request: Request) -> JSONResponse:
@@ -149,7 +161,7 @@ class MNIST:
             pixels = request_pixels(upload.files, SETTINGS.max_request_pixels)
             data = upload.files[0][1]
             return JSONResponse(await self._offload(read_number, model, data, SETTINGS, pixels=pixels, request=request))
-        except CLIENT_ERRORS as exc:
+        except ClientError as exc:
             return rejection(exc)
 
     async def handle_predict_pixels(self, request: Request) -> JSONResponse:
@@ -157,7 +169,7 @@ class MNIST:
             body = await read_json(request, max_bytes=SETTINGS.max_bytes, timeout_s=SETTINGS.body_timeout_s)
             model = self.registry.get(body.get("model"))
             return JSONResponse(await self._offload(classify_pixels, model, body))
-        except CLIENT_ERRORS as exc:
+        except ClientError as exc:
             return rejection(exc)
 
     async def handle_ping(self, request: Request) -> JSONResponse:
@@ -167,7 +179,7 @@ class MNIST:
         # Decoding and inference block: run them in threads, at most MNIST_THREADS at a time per worker,
         # so the event loop keeps accepting requests; `pixels` (from the images' headers) are held from the
         # worker's MNIST_MAX_INFLIGHT_PIXELS while they decode; work stops when `request`'s client is gone
-        # (see work.py). Created inside the loop, which the budget belongs to.
+        # (see http/work.py). Created inside the loop, which the budget belongs to.
         if self.work is None:
             self.work = Offloader(SETTINGS.threads, SETTINGS.max_inflight_pixels)
         return await self.work.run(func, *args, pixels=pixels, request=request)
@@ -186,10 +198,10 @@ def tune_garbage_collector() -> None:
     gc.set_threshold(50_000, 20, 100)
 
 
-def rejection(exc: Exception) -> JSONResponse:
-    """A client mistake as `{"error": ...}` with its 4xx status and headers (Retry-After, Connection)."""
-    status, headers = getattr(exc, "status", 400), getattr(exc, "headers", None)
-    return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+def rejection(exc: ClientError) -> JSONResponse:
+    """A client mistake as `{"error": ...}` with its 4xx status and headers (Retry-After, Connection); the request
+    ID is added on the way out (requestid.py)."""
+    return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
 
 
 def answered(ctx: bentoml.Context, response: JSONResponse) -> JSONResponse:
@@ -199,8 +211,12 @@ def answered(ctx: bentoml.Context, response: JSONResponse) -> JSONResponse:
 
 
 API_ROUTES = api_routes(MNIST.apis)  # {route: API method name}
-if SETTINGS.fast_path:  # first of ours, so the outermost of them: the API routes skip the rest
-    MNIST.add_asgi_middleware(FastPath, routes=API_ROUTES, cors_origins=SETTINGS.cors_origins)
+# The first added is the outermost of ours: the request ID wraps everything, then the fast path skips the rest.
+MNIST.add_asgi_middleware(RequestIds, access_log=SETTINGS.access_log)
+if SETTINGS.fast_path:
+    MNIST.add_asgi_middleware(
+        FastPath, routes=API_ROUTES, timeout_s=SETTINGS.request_timeout_s, cors_origins=SETTINGS.cors_origins
+    )
 MNIST.add_asgi_middleware(web.RelativeRedirects)  # Location without the client's Host (web.py)
 if not SETTINGS.tracing:
     # BentoML's OpenTelemetry middleware makes a span for every request even with no exporter configured;

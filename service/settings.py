@@ -51,6 +51,10 @@ class Settings:
     header_timeout_s: float = 5.0
     # MNIST_KEEPALIVE_TIMEOUT_S: an idle keep-alive connection is closed after this.
     keepalive_timeout_s: float = 5.0
+    # MNIST_SHUTDOWN_TIMEOUT_S: at SIGTERM, how long a worker lets requests in progress finish before it cancels
+    # them and exits (uvicorn's timeout_graceful_shutdown; unbounded otherwise). Below Kubernetes' default grace
+    # period of 30 s.
+    shutdown_timeout_s: float = 20.0
     # MNIST_CORS_ORIGINS: comma list of origins allowed to call the API from a browser; empty: no CORS.
     cors_origins: tuple[str, ...] = ()
     # MNIST_FAST_PATH: API routes answered by our handlers directly, without BentoML's per-API dispatch
@@ -104,6 +108,7 @@ class Settings:
             body_timeout_s=_positive_float(env, "MNIST_BODY_TIMEOUT_S", defaults.body_timeout_s),
             header_timeout_s=_positive_float(env, "MNIST_HEADER_TIMEOUT_S", defaults.header_timeout_s),
             keepalive_timeout_s=_positive_float(env, "MNIST_KEEPALIVE_TIMEOUT_S", defaults.keepalive_timeout_s),
+            shutdown_timeout_s=_positive_float(env, "MNIST_SHUTDOWN_TIMEOUT_S", defaults.shutdown_timeout_s),
             fast_path=_flag(env, "MNIST_FAST_PATH", defaults.fast_path),
             access_log=_flag(env, "MNIST_ACCESS_LOG", defaults.access_log),
             tracing=_flag(env, "MNIST_TRACING", defaults.tracing),

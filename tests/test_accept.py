@@ -1,6 +1,7 @@
-"""service/accept.py: each wake-up takes a fair share of the listen queue: one connection while a few wait (so
-other workers get their turn), many while thousands wait (so the queue drains); a worker holding more connections
-than another leaves a waiting one to it, so a pool of keep-alive connections ends up evenly split."""
+"""service/http/balance.py and the accept patch in service/http/patches.py: each wake-up takes a fair share of the
+listen queue: one connection while a few wait (so other workers get their turn), many while thousands wait (so the
+queue drains); a worker holding more connections than another leaves a waiting one to it, so a pool of keep-alive
+connections ends up evenly split."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import collections
 import os
 import socket
 import subprocess
+import sys
 from asyncio import selector_events
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -17,19 +19,20 @@ import psutil
 import pytest
 from conftest import Server
 
-from service import accept
-from service.accept import (
+from service.http import patches
+from service.http.balance import (
     BURST,
     GONE,
     MAX_WAIT_S,
     TABLE_PREFIX,
     ConnectionTable,
     per_wakeup,
+    process_alive,
     queued_connections,
     remove_orphans,
     should_defer,
-    spread_accepts,
 )
+from service.http.patches import spread_accepts
 
 PENDING = 5
 
@@ -126,10 +129,10 @@ def first_of_two_workers(restore_asyncio):
     """This process as worker 1 of 2; yields a table slot standing for worker 2."""
     spread_accepts(workers=2, worker_index=1)
     tasks_after_one_wakeup(1)  # the table is made on the first accept
-    table = accept._table
+    table = patches._table
     yield table, ConnectionTable(table.path, workers=2, index=1)
     table.leave()
-    accept._table = None
+    patches._table = None
 
 
 def test_a_worker_leaves_a_small_queue_to_one_holding_fewer_and_takes_all_of_it_under_a_burst(
@@ -150,11 +153,11 @@ def test_a_worker_leaves_a_small_queue_to_one_holding_fewer_and_takes_all_of_it_
 def test_an_open_never_lowers_the_count_its_accept_published_and_a_close_sets_it(first_of_two_workers) -> None:
     mine, _ = first_of_two_workers
     mine.publish(5)  # five accepted; the protocols of two of them not made yet
-    accept.publish_connections(3, opened=True)
+    patches.publish_connections(3, opened=True)
     assert mine.mine_and_others()[0] == 5
-    accept.publish_connections(6, opened=True)
+    patches.publish_connections(6, opened=True)
     assert mine.mine_and_others()[0] == 6
-    accept.publish_connections(4, opened=False)
+    patches.publish_connections(4, opened=False)
     assert mine.mine_and_others()[0] == 4
 
 
@@ -193,3 +196,28 @@ def test_a_pool_of_keep_alive_connections_is_split_evenly_between_the_two_worker
     finally:
         for client in clients:
             client.close()
+
+
+def test_a_worker_killed_outright_is_not_deferred_to(first_of_two_workers) -> None:
+    """SIGKILL (or the OOM killer) gives a worker no chance to mark its slot GONE: its last count, 0, stays in the
+    table, and the others must not keep leaving connections to it."""
+    mine, _ = first_of_two_workers
+    code = (
+        "import sys, time; from pathlib import Path; from service.http.balance import ConnectionTable; "
+        "ConnectionTable(Path(sys.argv[1]), workers=2, index=1); print('joined', flush=True); time.sleep(60)"
+    )
+    dead = subprocess.Popen([sys.executable, "-c", code, str(mine.path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert dead.stdout.readline().strip() == "joined"
+        mine.publish(4)
+        mine.waiting_since = None
+        assert tasks_after_one_wakeup(PENDING) == 0  # alive, holding none: this worker leaves it the connection
+        dead.kill()
+        dead.wait()
+        assert not process_alive(dead.pid)
+        assert mine.mine_and_others() == (4, [0])  # its last count is still there...
+        mine.waiting_since = None
+        assert tasks_after_one_wakeup(PENDING) == 1  # ...but nobody waits on it
+    finally:
+        dead.kill()
+        dead.wait()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 
-from service.connections import LingeringTransport
+from service.http.patches import LingeringTransport
 
 
 class RecordingTransport(asyncio.Transport):

@@ -8,7 +8,7 @@ from pathlib import Path
 import onnx
 import pytest
 
-from service.runtime import REQUIRED_KEYS as SERVICE_REQUIRED
+from service.inference.runtime import REQUIRED_KEYS as SERVICE_REQUIRED
 from training.evaluate import evaluate_onnx
 from training.export import REQUIRED_METADATA, file_sha256
 

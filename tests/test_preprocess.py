@@ -1,6 +1,6 @@
-"""service.preprocess on real MNIST test digits, turned into the files people actually upload.
+"""service.imaging.preprocess on real MNIST test digits, turned into the files people actually upload.
 
-"MNIST-like" is checked the way MNIST was built (see the module docstring of service.preprocess): float32
+"MNIST-like" is checked the way MNIST was built (see the module docstring of service.imaging.preprocess): float32
 (28, 28) in [0, 1]; the non-zero pixels fit a 20x20 box whose longer side is (nearly) 20; the centre of mass
 (row, col) = sum(index * value) / sum(value), indices 0..27, is within half a pixel of (14, 14); and the
 digit still looks like the original: correlation, after a 3x3 blur that forgives one-pixel shifts of thin
@@ -19,7 +19,7 @@ import pytest
 from mnist_fixture import candidate_dirs, mnist_test
 from PIL import Image, ImageFilter
 
-from service.preprocess import (
+from service.imaging.preprocess import (
     CUT_MARGIN,
     MNIST_SIDE,
     SEARCH_MARGIN,
@@ -290,7 +290,7 @@ def test_ruled_and_squared_paper_lines_are_not_ink(digits: np.ndarray, squared: 
 
 
 def test_the_noise_of_the_paper_is_measured_past_lines_on_the_border() -> None:
-    from service.preprocess import _noise
+    from service.imaging.preprocess import _noise
 
     rng = np.random.default_rng(0)
     # Stretches of the border on bare paper, along a line, and across a line's blurred edges (as on squared

@@ -10,7 +10,7 @@ import numpy as np
 import onnx
 import pytest
 
-from service.runtime import REQUIRED_KEYS, ModelError, Registry, UnknownModelError, load_model
+from service.inference.runtime import REQUIRED_KEYS, ModelError, Registry, UnknownModelError, load_model
 from service.settings import Settings
 
 # No NVIDIA device node: CUDA cannot start here, whatever get_available_providers() claims.
@@ -32,7 +32,7 @@ def edited_copy(source: Path, target: Path, drop: tuple[str, ...] = (), set_: di
 
 @needs_no_gpu
 def test_auto_falls_back_to_cpu_with_one_warning(cnn_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="service.runtime"):
+    with caplog.at_level(logging.WARNING, logger="service.inference.runtime"):
         model = load_model(cnn_path, "auto")
     assert model.card.provider == "CPUExecutionProvider"
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
@@ -47,7 +47,7 @@ def test_cuda_that_cannot_start_raises_a_clear_error(cnn_path: Path) -> None:
 
 
 def test_cpu_device_uses_the_cpu_provider(cnn_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    with caplog.at_level(logging.WARNING, logger="service.runtime"):
+    with caplog.at_level(logging.WARNING, logger="service.inference.runtime"):
         model = load_model(cnn_path, "cpu")
     assert model.card.provider == "CPUExecutionProvider"
     assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

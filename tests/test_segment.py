@@ -9,7 +9,7 @@ import pytest
 from mnist_fixture import mnist_test
 from PIL import Image
 
-from service import segment
+from service.imaging import segment
 
 
 @pytest.fixture(scope="module")

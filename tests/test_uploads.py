@@ -13,7 +13,7 @@ import pytest
 from starlette.datastructures import Headers, UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 
-from service.uploads import MultipartError, TooManyFiles, parse_multipart
+from service.http.uploads import MultipartError, TooManyFiles, parse_multipart
 
 B = "b0undary-42"
 CT = f"multipart/form-data; boundary={B}"

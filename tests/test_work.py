@@ -10,8 +10,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from service.uploads import ClientGone, RequestError
-from service.work import Offloader, PixelBudget, header_pixels, raise_if_abandoned, request_pixels
+from service.errors import ClientGone, RequestError
+from service.http.work import Offloader, PixelBudget, request_pixels
+from service.imaging.preprocess import header_pixels
+from service.inference.cancel import raise_if_abandoned
 
 
 def encoded(width: int, height: int, fmt: str) -> bytes:

@@ -8,6 +8,7 @@ single-process mode, invisible to /metrics.
 from __future__ import annotations
 
 import functools
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,9 +26,26 @@ class Metrics:
     read_digits: Any  # Histogram: digits found on one /read image
 
 
-@functools.cache
+_metrics: Metrics | None = None
+_creating = threading.Lock()
+
+
 def metrics() -> Metrics:
-    """The process's metric objects, created once (prometheus_client refuses duplicate names)."""
+    """The process's metric objects, created once (prometheus_client refuses duplicate names).
+
+    Under a lock: the first requests reach here at once from the event loop (small images) and from worker threads
+    (the rest), and `functools.cache` let two of them both create the objects: the second got DuplicateTimeseries,
+    a 500 on a fresh server.
+    """
+    global _metrics
+    if _metrics is None:
+        with _creating:
+            if _metrics is None:
+                _metrics = _create()
+    return _metrics
+
+
+def _create() -> Metrics:
     from prometheus_client import Counter, Histogram
 
     return Metrics(
@@ -52,7 +70,8 @@ def metrics() -> Metrics:
 
 
 # The labelled series of one model (and digit), looked up once: prometheus_client's `labels()` takes a lock and
-# builds a key on every call, and these are counted on every answer.
+# builds a key on every call, and these are counted on every answer. Two threads missing the cache at once both get
+# the same series from `labels()`, so the cache needs no lock of its own.
 
 
 @functools.cache

@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import io
 import math
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..errors import ClientError
 from . import segment
 
 MNIST_SIDE = 28
@@ -68,20 +70,17 @@ WIDE_BONUS = 0.0
 # chance. Tuned on seeds 0 and 1, checked on seed 2 (docs/preprocessing.md).
 SEARCH_MARGIN = 6.0
 SEARCH_WIDE_MARGIN = 1.0
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 # Pixels kept around the digit's mask: its anti-aliased edges, fainter than the mask's level.
 EDGE_PIXELS = 2
 
 
-class ImageError(ValueError):
+class ImageError(ClientError):
     """The client sent something we cannot turn into a digit; str(e) names the problem.
 
     `status` is the HTTP status to answer with: 400 bad/undecodable/blank image, 413 too many bytes or
     pixels, 422 bad pixel array.
     """
-
-    def __init__(self, status: int, message: str) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image:
@@ -124,6 +123,20 @@ def decode_image(data: bytes, *, max_bytes: int, max_pixels: int) -> Image.Image
     except Exception as exc:  # truncated files raise OSError, broken ones anything
         raise ImageError(400, f"could not decode the {image.format} image: {exc}") from exc
     return image
+
+
+def header_pixels(data: bytes) -> int:
+    """Width x height as the image's header declares it; 0 when there is no readable header (decoding will
+    then say what is wrong). A PNG is read from its IHDR in ~1 us, other formats by Pillow's parser (~20 us).
+    """
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return width * height
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            return image.width * image.height
+    except Exception:  # not an image, or a broken one: not ours to report here
+        return 0
 
 
 def preprocess(data: bytes, *, max_bytes: int, max_pixels: int) -> np.ndarray:

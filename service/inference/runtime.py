@@ -3,7 +3,7 @@
 The ONNX file is the contract with training: it names its input, shape, pixel range, polarity and labels
 in `metadata_props`, and the score and thresholds behind each answer's `status` (chosen on validation data
 by training, never typed here). A model whose metadata is missing or disagrees with what
-`service/preprocess.py` produces (28x28 pixels in [0, 1], white ink on black) is refused at start-up, never
+`service/imaging/preprocess.py` produces (28x28 pixels in [0, 1], white ink on black) is refused at start-up, never
 served wrongly: a model without the status thresholds could only answer "ok" for a smiley.
 """
 
@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import onnxruntime as ort
 
-from .settings import Settings
+from ..errors import ClientError
+from ..settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -53,17 +54,11 @@ class ModelError(RuntimeError):
     """A model cannot be served (missing file, bad metadata, device unavailable); str(e) says what to do."""
 
 
-class UnknownModelError(KeyError):
+class UnknownModelError(ClientError):
     """A request named a model that is not loaded (the client's mistake: answered with 404)."""
 
-    status = 404
-
     def __init__(self, name: str, loaded: list[str]) -> None:
-        super().__init__(name)
-        self.message = f"unknown model {name!r}; loaded models: {', '.join(loaded)}"
-
-    def __str__(self) -> str:
-        return self.message
+        super().__init__(404, f"unknown model {name!r}; loaded models: {', '.join(loaded)}")
 
 
 @dataclass(frozen=True)

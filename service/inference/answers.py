@@ -12,27 +12,25 @@ from typing import Any
 
 import numpy as np
 
-from .metrics import inference_seconds, metrics, prediction_count
-from .preprocess import (
+from ..errors import RequestError
+from ..imaging.preprocess import (
     ImageError,
     candidates,
     choose,
     decode_image,
+    header_pixels,
     pixels_to_array,
     preprocess,
     read_digits,
     to_png,
 )
-from .runtime import Model, ModelCard, UnknownModelError
-from .settings import Settings
-from .uploads import RequestError
-from .work import header_pixels, raise_if_abandoned
+from ..settings import Settings
+from .cancel import raise_if_abandoned
+from .metrics import inference_seconds, metrics, prediction_count
+from .runtime import Model, ModelCard
 
 # Images up to this many pixels are cheap enough (< 0.5 ms) to preprocess on the event loop.
 SMALL_PIXELS = 128 * 128
-
-# Exceptions that are the client's fault: each carries its 4xx `status` and a message naming the problem.
-CLIENT_ERRORS = (ImageError, RequestError, UnknownModelError)
 
 
 def classify(
@@ -42,7 +40,7 @@ def classify(
     pixels = np.empty((len(files), 28, 28), dtype=np.float32)
     observe = metrics().preprocess_seconds.observe
     for i, (name, data) in enumerate(files):
-        raise_if_abandoned()  # nobody is waiting for the answer any more (work.py)
+        raise_if_abandoned()  # nobody is waiting for the answer any more (cancel.py)
         start = time.perf_counter()
         try:
             pixels[i] = preprocess(data, max_bytes=settings.max_bytes, max_pixels=settings.max_pixels)

@@ -17,19 +17,18 @@ import collections
 import contextlib
 import contextvars
 import ctypes
-import io
 import logging
-import struct
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
-from PIL import Image
 from starlette.requests import Request
 
-from .uploads import ClientGone, RequestError
+from ..errors import RequestError
+from ..imaging.preprocess import header_pixels
+from ..inference.cancel import raise_if_abandoned, stopping_on
 
 log = logging.getLogger(__name__)
 
@@ -41,23 +40,6 @@ QUEUE_WAIT_S = 2.0
 RETRY_AFTER_S = 1
 # After work on this many pixels, hand freed memory back to the OS (glibc keeps big freed blocks otherwise).
 TRIM_PIXELS = 1024 * 1024
-
-_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-_local = threading.local()
-
-
-def header_pixels(data: bytes) -> int:
-    """Width x height as the image's header declares it; 0 when there is no readable header (decoding will
-    then say what is wrong). A PNG is read from its IHDR in ~1 us, other formats by Pillow's parser (~20 us).
-    """
-    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
-        width, height = struct.unpack(">II", data[16:24])
-        return width * height
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.width * image.height
-    except Exception:  # not an image, or a broken one: not ours to report here
-        return 0
 
 
 def request_pixels(files: Sequence[tuple[str, bytes]], limit: int) -> int:
@@ -76,13 +58,6 @@ def busy(why: str) -> RequestError:
     return RequestError(
         503, f"server busy: {why}; retry in {RETRY_AFTER_S} s", headers={"Retry-After": str(RETRY_AFTER_S)}
     )
-
-
-def raise_if_abandoned() -> None:
-    """In a worker thread: stop here if the request's client is gone or its answer was already sent."""
-    stop: threading.Event | None = getattr(_local, "stop", None)
-    if stop is not None and stop.is_set():
-        raise ClientGone("the request was abandoned (client gone or timed out) while its images were decoded")
 
 
 class PixelBudget:
@@ -169,14 +144,13 @@ class Offloader:
 
 
 def _job(stop: threading.Event, pixels: int, start_by: float, func: Callable[..., T], args: tuple[Any, ...]) -> T:
-    _local.stop = stop
     try:
-        raise_if_abandoned()  # waited in the queue while its client left
-        if pixels and time.monotonic() > start_by:
-            raise busy(f"no decoding thread free within {QUEUE_WAIT_S:g} s")
-        return func(*args)
+        with stopping_on(stop):
+            raise_if_abandoned()  # waited in the queue while its client left
+            if pixels and time.monotonic() > start_by:
+                raise busy(f"no decoding thread free within {QUEUE_WAIT_S:g} s")
+            return func(*args)
     finally:
-        _local.stop = None
         if pixels >= TRIM_PIXELS:
             _trim_memory()
 

@@ -28,28 +28,25 @@ turn of its loop lasts long) neither defers nor takes one at a time, but takes t
 accept per turn left the end of a 5,000-connection burst queued for 13-16 s on 2 workers (measured, 2026-12-02,
 docs/benchmarks.md "Chaos"; 0.2 s now). nginx's `accept_disabled` is the same idea as the table, per worker.
 
-Only asyncio's own event loop is patched (uvloop, if installed, has its own accept loop and is left alone).
+This module is the policy and the shared table, plain code with no server internals; the accept handler that
+applies it is a patch of asyncio's, and lives with every other patch in patches.py. Only asyncio's own event loop
+is patched (uvloop, if installed, has its own accept loop: then nothing here runs, and the worker says so).
 """
 
 from __future__ import annotations
 
-import errno
-import functools
 import logging
 import mmap
 import os
 import socket
 import struct
 import tempfile
-import time
-from asyncio import selector_events
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
 
-_PATCHED = "_mnist_fair_share_accept"
 # Up to this many waiting connections, a wake-up accepts one; beyond, queued / workers.
 BURST = 64
 # A worker with more connections than another stops watching the socket this long, so the other accepts...
@@ -62,7 +59,9 @@ _TCPI_UNACKED = struct.Struct("=I")
 _TCPI_UNACKED_OFFSET = 24
 _TCP_INFO = getattr(socket, "TCP_INFO", None)
 TABLE_PREFIX = "mnist-connections-"  # then the server's pid and the listening socket's inode
-_SLOT = struct.Struct("=q")  # one worker's open connections; -1: the worker stopped accepting
+# One worker's slot: its open connections (-1: it stopped accepting) and its process id, by which the others see
+# that a worker killed outright (SIGKILL, the OOM killer), which never wrote -1, is gone.
+_SLOT = struct.Struct("=qq")
 GONE = -1
 
 
@@ -90,8 +89,8 @@ def should_defer(mine: int, others: Sequence[int], waited_s: float) -> bool:
 
 
 class ConnectionTable:
-    """Each worker's open connections, one 8-byte slot per worker in a file every worker maps. No lock: a worker
-    writes only its own slot (an aligned 8-byte store), and a count read a moment late only shifts one accept."""
+    """Each worker's open connections, one slot per worker in a file every worker maps. No lock: a worker writes
+    only its own slot (aligned 8-byte stores), and a count read a moment late only shifts one accept."""
 
     def __init__(self, path: Path, workers: int, index: int) -> None:
         self.path, self.workers, self.index = path, workers, index
@@ -106,6 +105,7 @@ class ConnectionTable:
         self.waiting_since: float | None = None  # when this worker first deferred the connection now queued
         self.timer: Any = None  # the pending look again, while the socket is not watched
         self.left = False  # stopped accepting (shutdown): its slot stays GONE
+        self.pid = os.getpid()
         self.publish(0)
 
     @classmethod
@@ -117,10 +117,20 @@ class ConnectionTable:
 
     def publish(self, count: int) -> None:
         if not self.left:  # connections closing in the drain do not bring a stopped worker back
-            _SLOT.pack_into(self._map, self.index * _SLOT.size, count)
+            _SLOT.pack_into(self._map, self.index * _SLOT.size, count, self.pid)
 
     def counts(self) -> list[int]:
+        """Every worker's count, as published (a dead worker's last count included: see `alive_counts`)."""
         return [_SLOT.unpack_from(self._map, i * _SLOT.size)[0] for i in range(self.workers)]
+
+    def alive_counts(self, counts: Sequence[int]) -> list[int]:
+        """`counts` (the others') with GONE for each worker whose process no longer runs. Only called before a
+        deferral, the rare case, since it costs a system call or two per worker."""
+        others = [i for i in range(self.workers) if i != self.index]
+        return [
+            count if count == GONE or process_alive(_SLOT.unpack_from(self._map, i * _SLOT.size)[1]) else GONE
+            for i, count in zip(others, counts, strict=True)
+        ]
 
     def mine_and_others(self) -> tuple[int, list[int]]:
         counts = self.counts()
@@ -131,13 +141,30 @@ class ConnectionTable:
         self.cancel()
         self.publish(GONE)
         self.left = True
-        if all(count == GONE for count in self.counts()):
+        if all(count == GONE for count in self.alive_counts(self.mine_and_others()[1])):
             self.path.unlink(missing_ok=True)
 
     def cancel(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
             self.timer = None
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not yet reaped by its parent, does not)."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's: alive
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True  # no /proc: trust kill()
+    return stat[stat.rindex(")") + 2 :][:1] not in ("Z", "X")
 
 
 def remove_orphans(folder: Path) -> None:
@@ -152,109 +179,3 @@ def remove_orphans(folder: Path) -> None:
             path.unlink(missing_ok=True)
         except PermissionError:
             pass  # alive, another user's
-
-
-# This worker process's table, once its first connection is accepted (see spread_accepts).
-_table: ConnectionTable | None = None
-_table_failed = False
-
-
-def publish_connections(count: int, opened: bool) -> None:
-    """Tell the other workers how many connections this one holds now (connections.py, on each open and close).
-
-    An accept counts its connection at once (spread_accepts), but the connection's protocol starts a turn or two of
-    the loop later: while a pool is accepted, the protocols' count lags the accepts, and publishing it on an open
-    made this worker look emptier than it was, so it took more (wrk's 16 split 9/7 in half the runs). So an open
-    never lowers the count; a close sets it (every closed connection had its protocol)."""
-    if _table is not None:
-        _table.publish(max(count, _table.mine_and_others()[0]) if opened else count)
-
-
-def stop_accepting(loop: Any, sock: socket.socket) -> None:
-    """Stop this worker's loop from accepting on `sock`, and any deferred look again with it (shutdown)."""
-    if _table is not None:
-        _table.leave()
-    loop._remove_reader(sock.fileno())
-
-
-def original_accept() -> Any:
-    """asyncio's own accept handler, patched or not (the drain at shutdown wants every pending connection)."""
-    accept = selector_events.BaseSelectorEventLoop._accept_connection
-    return getattr(accept, "__wrapped__", accept)
-
-
-def spread_accepts(workers: int, worker_index: int | None = None) -> None:
-    """Patch asyncio's selector event loop to accept a fair share per wake-up (idempotent); in worker
-    `worker_index` (1 to `workers`, BentoML's numbering) also to leave connections to a worker holding fewer."""
-    loop_class = selector_events.BaseSelectorEventLoop
-    original = loop_class._accept_connection
-    if getattr(original, _PATCHED, False):
-        return
-    # The server process, read now: a worker whose server was killed is adopted by init (pid 1) before it stops,
-    # and a table named after pid 1 would never be seen as orphaned.
-    server_pid = os.getppid()
-
-    @functools.wraps(original)
-    def accept_share(
-        self: Any, protocol_factory: Any, sock: Any, sslcontext: Any = None, server: Any = None,
-        backlog: int = 100, *args: Any, **kwargs: Any,
-    ) -> None:  # fmt: skip
-        # `backlog` is only the number of accept() calls per wake-up here; the kernel's queue is unchanged.
-        queued = queued_connections(sock)
-        table = _joined(sock, workers, worker_index, server_pid)
-        if table is not None and 0 < queued <= BURST:
-            mine, others = table.mine_and_others()
-            now = time.monotonic()
-            if should_defer(mine, others, now - (table.waiting_since or now)):
-                table.waiting_since = table.waiting_since or now
-                self._remove_reader(sock.fileno())
-                table.timer = self.call_later(
-                    DEFER_S, _look_again, self, table, protocol_factory, sock, sslcontext, server, backlog, *args
-                )
-                return
-            table.waiting_since = None
-            # One, so that the workers take turns; but a worker already holding many (a burst's) takes all: one
-            # accept per turn of a loop that then lasts seconds would leave the rest waiting for many turns,
-            # and a few more connections are nothing against those held.
-            share = min(backlog, queued if mine >= BURST else 1)
-            # Counted now, not when their protocols start (a turn of the loop later): else this worker, woken
-            # again before then, would still look as empty as a moment ago. The protocols' count replaces it.
-            table.publish(mine + share)
-        else:
-            share = min(backlog, per_wakeup(queued, workers))
-        try:
-            original(self, protocol_factory, sock, sslcontext, server, share, *args, **kwargs)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            # Another worker is shutting down and stopped the shared socket listening (connections.py): stop
-            # watching it too, instead of logging this error on every turn of the loop until our own shutdown.
-            self._remove_reader(sock.fileno())
-
-    setattr(accept_share, _PATCHED, True)
-    loop_class._accept_connection = accept_share
-    log.debug("asyncio accepts a fair share of the listen queue per wake-up (%d workers)", workers)
-
-
-def _joined(sock: socket.socket, workers: int, worker_index: int | None, server_pid: int) -> ConnectionTable | None:
-    """This worker's connection table, made on the first accept (when the shared socket is known); None outside
-    a worker, or where the table cannot be made (then the workers only take turns, as before)."""
-    global _table, _table_failed
-    if _table is None and not _table_failed and worker_index is not None and 1 <= worker_index <= workers:
-        try:
-            _table = ConnectionTable.for_socket(sock, workers, worker_index - 1, server_pid)
-        except OSError as exc:
-            _table_failed = True
-            log.warning("connections are not balanced over the workers (no shared table: %s)", exc)
-    return _table
-
-
-def _look_again(loop: Any, table: ConnectionTable, *accept_args: Any) -> None:
-    """After a deferral: watch the socket again; a connection still waiting then wakes this worker at once."""
-    table.timer = None
-    sock, server = accept_args[1], accept_args[3]
-    if sock.fileno() < 0 or (server is not None and not server.is_serving()):
-        return  # closed or shut down meanwhile
-    if queued_connections(sock) == 0:
-        table.waiting_since = None  # another worker took it: the next connection gets its own wait
-    loop._add_reader(sock.fileno(), loop._accept_connection, *accept_args)

@@ -1,6 +1,6 @@
 """Reading request bodies with limits: uploaded images (multipart or raw) and JSON.
 
-BentoML's own request parsing is bypassed for our endpoints (see `RawRequest`) because, in BentoML 1.4,
+BentoML's own request parsing is bypassed for our endpoints (see `RawRequest` in patches.py) because, in BentoML 1.4,
 it answers some client mistakes with 500 (a malformed multipart body, a text field where a file is
 expected, which it even tries to download as a URL) and wraps 4xx messages in a list. Reading the body
 here keeps every client mistake a 4xx `{"error": ...}` and lets the byte limit act before the body is read.
@@ -18,58 +18,17 @@ import contextlib
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any
 
-from bentoml import IODescriptor
 from python_multipart.multipart import parse_options_header
 from starlette.requests import ClientDisconnect, Request
+
+from ..errors import ClientGone, RequestError
 
 # Text fields are model names and flags: anything longer is a mistake, not a reason to buffer megabytes.
 MAX_FIELD_BYTES = 1024
 MAX_FIELDS = 16
 IMAGE_TYPES = ("image/", "application/octet-stream")
-
-
-class RequestError(ValueError):
-    """The request itself is wrong (size, encoding, fields); str(e) names the problem.
-
-    `headers` go into the answer (Retry-After, Connection: close).
-    """
-
-    def __init__(self, status: int, message: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(message)
-        self.status = status
-        self.headers = headers
-
-
-class ClientGone(RequestError):
-    """The client hung up (mid-body, or while its images were being worked on): 499, answered to no one."""
-
-    def __init__(self, message: str = "the client closed the connection before the answer") -> None:
-        super().__init__(CLIENT_CLOSED_REQUEST, message)
-
-
-# nginx's status for a request whose client went away; it never reaches the wire.
-CLIENT_CLOSED_REQUEST = 499
-
-
-class RawRequest(IODescriptor):
-    """An input spec that tells BentoML to leave the body alone: the endpoint reads `ctx.request`."""
-
-    @classmethod
-    async def from_http_request(cls, request: Request, serde: object) -> RawRequest:  # type: ignore[override]
-        return cls()
-
-
-class MultipartRequest(RawRequest):
-    media_type: ClassVar[str | None] = "multipart/form-data"
-
-
-class JSONAnswer(IODescriptor):
-    """An output spec for endpoints that return a ready JSONResponse: BentoML sends it as it is, and
-    skips the per-response JSON-schema work it does for a `dict` return type."""
-
-    media_type: ClassVar[str | None] = "application/json"
 
 
 @dataclass

@@ -16,6 +16,7 @@ answers through the same Starlette CORS middleware, with the same options.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -25,6 +26,8 @@ from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.types import ASGIApp, Receive, Scope, Send
+
+from . import requestid
 
 log = logging.getLogger(__name__)
 
@@ -43,8 +46,11 @@ class FastPath:
     """ASGI middleware: `POST` to a path in `routes` ({path: API method name}) goes to the current service
     instance's handler for it; everything else to `app`."""
 
-    def __init__(self, app: ASGIApp, routes: Mapping[str, str], cors_origins: Sequence[str] = ()) -> None:
+    def __init__(
+        self, app: ASGIApp, routes: Mapping[str, str], timeout_s: float, cors_origins: Sequence[str] = ()
+    ) -> None:
         self.app = app
+        self.timeout_s = timeout_s
         self.routes = {path: handler_name(name) for path, name in routes.items()}
         self.dispatch: ASGIApp = self._dispatch
         if cors_origins:
@@ -63,9 +69,17 @@ class FastPath:
         handle: Handler = getattr(get_current_service(), self.routes[scope["path"]])
         request = Request(scope, receive, send)
         try:
-            response = await handle(request)
+            # Our own deadline, the same as BentoML's (which sits outside every user middleware, so its 504 would
+            # carry no request ID): the work is cancelled, and stops at its next image (http/work.py).
+            async with asyncio.timeout(self.timeout_s):
+                response = await handle(request)
+        except TimeoutError:
+            response = JSONResponse(
+                {"error": f"not able to process the request in {self.timeout_s:g} seconds (MNIST_REQUEST_TIMEOUT_S)"},
+                status_code=504,
+            )
         except Exception:  # a bug of ours: logged, answered as BentoML would, and the worker keeps serving
-            log.exception("%s %s failed", scope["method"], scope["path"])
+            log.exception("%s %s failed [request_id=%s]", scope["method"], scope["path"], requestid.current())
             response = JSONResponse(INTERNAL_ERROR, status_code=500)
         await response(scope, receive, send)
 
