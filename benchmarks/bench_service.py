@@ -5,7 +5,8 @@
 
 Compared, each on a fresh local `bentoml serve` (MNIST_* environment per configuration):
   /ping (the HTTP floor) vs /predict on the same server; CNN vs MLP (same server, `model` field);
-  1 vs 2 workers; /predict_batch with 64 MNIST PNGs per request (images/s).
+  1 vs 2 workers; /predict_batch with 64 MNIST PNGs per request (images/s); 2 workers without the patches of
+  server internals, all of them and each in turn (MNIST_PATCHES), to show what each earns.
 And against the obvious alternative (issue 14), both under plain uvicorn with 2 workers (benchmarks/baseline.py):
   the FastAPI + ONNX Runtime baseline's /predict (same preprocessing, same model file), and the floor, a bare
   ASGI app answering a constant to the same request bodies: what HTTP alone costs.
@@ -101,6 +102,15 @@ def configs(connections: int, batch_connections: int) -> list[ServerConfig]:
             "2 workers",
             {**base, "MNIST_WORKERS": "2"},
             (cnn, cnn_close, Workload("ping", "/ping", None, connections), batch),
+        ),
+        # What each patch of a server internal earns (service/http/patches.py): the same server without it.
+        *(
+            ServerConfig(f"2 workers, {name}", {**base, "MNIST_WORKERS": "2", "MNIST_PATCHES": patches}, (cnn, batch))
+            for name, patches in (
+                ("no patches", "none"),
+                ("no accept patch", "protocol,drain"),
+                ("no protocol patch", "accept,drain"),
+            )
         ),
         ServerConfig("FastAPI baseline", {}, (cnn,), command=baseline("fastapi")),
         ServerConfig(

@@ -13,6 +13,8 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEVICES = ("auto", "cuda", "cpu")
+# The patches of server internals (http/patches.py) that MNIST_PATCHES may name.
+PATCHES = ("accept", "protocol", "drain")
 
 
 def available_cores() -> int:
@@ -64,6 +66,9 @@ class Settings:
     access_log: bool = False
     # MNIST_TRACING: OpenTelemetry spans for the API routes (configure the exporter in BentoML's config).
     tracing: bool = False
+    # MNIST_PATCHES: comma list of the patches of server internals to apply (http/patches.py), or "none": to measure
+    # what each one earns, or to run without one that a library upgrade broke.
+    patches: tuple[str, ...] = PATCHES
 
     @property
     def default_model(self) -> str:
@@ -113,6 +118,7 @@ class Settings:
             access_log=_flag(env, "MNIST_ACCESS_LOG", defaults.access_log),
             tracing=_flag(env, "MNIST_TRACING", defaults.tracing),
             cors_origins=tuple(o.strip() for o in env.get("MNIST_CORS_ORIGINS", "").split(",") if o.strip()),
+            patches=_patches(env.get("MNIST_PATCHES"), defaults.patches),
         )._checked()
 
     def _checked(self) -> Settings:
@@ -132,6 +138,20 @@ class Settings:
                 f"{self.max_inflight_pixels}, or such a request could never be served"
             )
         return self
+
+
+def _patches(raw: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
+    if raw is None or not raw.strip():
+        return default
+    names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
+    if names == ("none",):
+        return ()
+    unknown = [n for n in names if n not in PATCHES]
+    if unknown:
+        raise ValueError(
+            f"MNIST_PATCHES names {', '.join(unknown)}; give a comma list of {', '.join(PATCHES)}, or none"
+        )
+    return names
 
 
 def _flag(env: Mapping[str, str], name: str, default: bool) -> bool:

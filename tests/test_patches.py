@@ -28,6 +28,7 @@ from uvicorn.server import ServerState
 
 from loadtest.server import LocalServer
 from service.http import patches
+from service.settings import Settings
 
 # What the patched code touches, read as the patches read it (a patch may only rely on what is listed here).
 SNAPSHOT = """
@@ -67,6 +68,21 @@ def test_install_applies_every_patch_in_a_worker() -> None:
     assert accept != before[0]  # functools.wraps keeps the name: a different function object is the sign
     assert dict(protocols)["h11"] == dict(protocols)["auto"] == "service.http.patches:GuardedH11Protocol"
     assert shutdown != before[2] and "_draining_shutdown" in shutdown
+
+
+def test_mnist_patches_applies_only_the_patches_it_names() -> None:
+    before, after = snapshots(
+        "from service.http import patches; from service.settings import Settings; "
+        "patches.install(Settings.from_env({'MNIST_PATCHES': 'drain', 'MNIST_WORKERS': '2'}), worker_index=1)"
+    )
+    assert after[:2] == before[:2] and after[2] != before[2]  # accept and protocol as shipped, shutdown patched
+    before, after = snapshots(
+        "from service.http import patches; from service.settings import Settings; "
+        "patches.install(Settings.from_env({'MNIST_PATCHES': 'none', 'MNIST_WORKERS': '2'}), worker_index=1)"
+    )
+    assert after == before
+    with pytest.raises(ValueError, match="MNIST_PATCHES names acept; give a comma list of accept, protocol, drain"):
+        Settings.from_env({"MNIST_PATCHES": "accept,acept"})
 
 
 @pytest.mark.parametrize("name", list(patches.PATCHED_SIGNATURES))

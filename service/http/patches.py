@@ -71,7 +71,7 @@ from starlette.requests import Request
 from uvicorn.protocols.http.h11_impl import H11Protocol
 from uvicorn.server import Server
 
-from ..settings import Settings
+from ..settings import PATCHES, Settings
 from .balance import BURST, DEFER_S, ConnectionTable, per_wakeup, queued_connections, should_defer
 
 log = logging.getLogger(__name__)
@@ -427,45 +427,54 @@ class JSONAnswer(IODescriptor):
 
 
 def install(settings: Settings, worker_index: int) -> None:
-    """Apply every patch in this serving worker (`worker_index`: 1 to settings.workers), before uvicorn starts."""
+    """Apply the patches named in settings.patches (MNIST_PATCHES: all by default) in this serving worker
+    (`worker_index`: 1 to settings.workers), before uvicorn starts."""
     global _settings
     _settings = settings
-    GuardedH11Protocol.header_timeout_s = settings.header_timeout_s
-    protocol = f"{GuardedH11Protocol.__module__}:{GuardedH11Protocol.__qualname__}"
-    # BentoML lets uvicorn pick ("auto": httptools if installed, else h11); pin ours, which is h11. (uvicorn's HTTP/2
-    # path is taken only with Config(http2=True), which BentoML never sets.)
-    uvicorn.config.HTTP_PROTOCOLS["auto"] = protocol
-    uvicorn.config.HTTP_PROTOCOLS["h11"] = protocol
-    Server.shutdown = _draining_shutdown  # type: ignore[method-assign]
-    exit_with_parent()
-    if settings.workers > 1:
+    if "protocol" in settings.patches:
+        GuardedH11Protocol.header_timeout_s = settings.header_timeout_s
+        protocol = f"{GuardedH11Protocol.__module__}:{GuardedH11Protocol.__qualname__}"
+        # BentoML lets uvicorn pick ("auto": httptools if installed, else h11); pin ours, which is h11. (uvicorn's
+        # HTTP/2 path is taken only with Config(http2=True), which BentoML never sets.)
+        uvicorn.config.HTTP_PROTOCOLS["auto"] = protocol
+        uvicorn.config.HTTP_PROTOCOLS["h11"] = protocol
+    if "drain" in settings.patches:
+        Server.shutdown = _draining_shutdown  # type: ignore[method-assign]
+    if "accept" in settings.patches and settings.workers > 1:
         spread_accepts(settings.workers, worker_index)
+    exit_with_parent()  # not a patch: a plain Linux call
 
 
 def report(loop: asyncio.AbstractEventLoop) -> None:
-    """Log, once the worker's loop runs, which patches are active: one line each; a warning when the accept and
-    drain patches cannot act on this loop (uvloop has its own accept loop: connections are then not split evenly,
-    and SIGTERM does not drain the listen queue). Not at `install`: BentoML names a worker's log lines only after
-    it has imported the service."""
+    """Log, once the worker's loop runs, which patches are active: one line each, and one for those turned off; a
+    warning when the accept and drain patches cannot act on this loop (uvloop has its own accept loop: connections
+    are then not split evenly, and SIGTERM does not drain the listen queue). Not at `install`: BentoML names a
+    worker's log lines only after it has imported the service."""
     if _settings is None:
         return  # not a serving worker: nothing was patched
     settings = _settings
-    log.info(
-        "patch active: uvicorn's h11 protocol (header timeout %gs, lingering close, one-segment answers), "
-        "keep-alive %gs",
-        settings.header_timeout_s, settings.keepalive_timeout_s,
-    )  # fmt: skip
-    log.info("patch active: draining shutdown, bounded at %gs", settings.shutdown_timeout_s)
-    if not isinstance(loop, selector_events.BaseSelectorEventLoop):
+    if "protocol" in settings.patches:
+        log.info(
+            "patch active: uvicorn's h11 protocol (header timeout %gs, lingering close, one-segment answers), "
+            "keep-alive %gs",
+            settings.header_timeout_s, settings.keepalive_timeout_s,
+        )  # fmt: skip
+    if "drain" in settings.patches:
+        log.info("patch active: draining shutdown, bounded at %gs", settings.shutdown_timeout_s)
+    selector_loop = isinstance(loop, selector_events.BaseSelectorEventLoop)
+    if not selector_loop and {"accept", "drain"} & set(settings.patches):
         log.warning(
             "event loop %s is not asyncio's selector loop: the fair-share accept and the shutdown drain are off "
             "(uninstall uvloop to have them)",
             type(loop).__name__,
         )
-    elif settings.workers > 1:
+    elif "accept" in settings.patches and settings.workers > 1:
         log.info(
             "patch active: asyncio's accept takes a fair share (connections split over %d workers)", settings.workers
         )
+    off = [name for name in PATCHES if name not in settings.patches]
+    if off:
+        log.warning("patches off (MNIST_PATCHES): %s; uvicorn and asyncio as shipped there", ", ".join(off))
 
 
 # What the guard test checks: each patched attribute, and the parameters our replacement relies on.
