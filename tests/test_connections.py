@@ -1,4 +1,4 @@
-"""service/connections.py's transport: an answer's head leaves with its body, in one write (one TCP segment)."""
+"""service/http/patches.py's transport: an answer's head leaves with its body, in one write (one TCP segment)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""service/work.py: pixel counts from image headers, the per-worker pixel budget, stopping abandoned work."""
+"""service/http/work.py: pixel counts from image headers, the per-worker pixel budget, stopping abandoned work."""
 
 from __future__ import annotations
 
