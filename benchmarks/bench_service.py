@@ -51,6 +51,7 @@ from loadtest.server import LocalServer, ProcessSample
 
 HERE = Path(__file__).resolve().parent
 LUA = HERE / "bodies.lua"
+BENTOML = str(Path(sys.executable).with_name("bentoml"))
 MODELS = "mnist-cnn,mnist-mlp"
 BATCH_IMAGES = 64
 
@@ -81,7 +82,7 @@ def baseline(app: str, workers: int = 2) -> tuple[str, ...]:
     return (sys.executable, "-m", "benchmarks.baseline", app, "--port", "{port}", "--workers", str(workers))
 
 
-def configs(connections: int, batch_connections: int) -> list[ServerConfig]:
+def configs(connections: int, batch_connections: int, before: Path | None = None) -> list[ServerConfig]:
     cnn = Workload("predict cnn", "/predict", "mnist-cnn", connections)
     cnn_close = Workload("predict cnn, conn: close", "/predict", "mnist-cnn", connections, close=True)
     batch = Workload(f"batch{BATCH_IMAGES} cnn", "/predict_batch", "mnist-cnn", batch_connections, BATCH_IMAGES)
@@ -113,6 +114,24 @@ def configs(connections: int, batch_connections: int) -> list[ServerConfig]:
             )
         ),
         ServerConfig("FastAPI baseline", {}, (cnn,), command=baseline("fastapi")),
+        # Another checkout of this repository (an earlier commit), served the same way, in the same rounds.
+        *(
+            [
+                ServerConfig(
+                    "2 workers, before",
+                    {**base, "MNIST_WORKERS": "2"},
+                    (cnn, Workload("ping", "/ping", None, connections), batch),
+                    command=(
+                        "bash",
+                        "-c",
+                        f'cd "{before}" && exec "$0" serve --host 127.0.0.1 --port {{port}}',
+                        BENTOML,
+                    ),
+                )
+            ]
+            if before
+            else []
+        ),
         ServerConfig(
             "floor", {}, (Workload("constant", "/predict", "mnist-cnn", connections),), baseline("floor"), False
         ),
@@ -329,6 +348,26 @@ def summarise(results: Results) -> tuple[list[dict[str, Any]], dict[str, float]]
             ("2 workers", "predict cnn"), ("FastAPI baseline", "predict cnn"), "p99_ms"
         ),
         "FastAPI baseline / floor (req/s)": paired(("FastAPI baseline", "predict cnn"), ("floor", "constant")),
+        **{
+            f"2 workers / {variant} ({what})": paired(("2 workers", workload), (variant, workload), key)
+            for variant in ("2 workers, no patches", "2 workers, no accept patch", "2 workers, no protocol patch")
+            for what, workload, key in (
+                ("req/s", "predict cnn", "requests_per_s"),
+                ("p99", "predict cnn", "p99_ms"),
+                ("batch images/s", f"batch{BATCH_IMAGES} cnn", "images_per_s"),
+            )
+        },
+        **{
+            f"2 workers / 2 workers, before ({what})": paired(
+                ("2 workers", workload), ("2 workers, before", workload), key
+            )
+            for what, workload, key in (
+                ("req/s", "predict cnn", "requests_per_s"),
+                ("p99", "predict cnn", "p99_ms"),
+                ("batch images/s", f"batch{BATCH_IMAGES} cnn", "images_per_s"),
+                ("ping req/s", "ping", "requests_per_s"),
+            )
+        },
         "ours /ping / floor (req/s)": paired(("2 workers", "ping"), ("floor", "constant")),
     }
     return rows, ratios
@@ -467,6 +506,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", help="run only the server configurations whose name contains one of these (comma list)"
     )
+    parser.add_argument(
+        "--before", type=Path, help="also serve this other checkout (e.g. a git worktree of an earlier commit)"
+    )
     parser.add_argument("--markdown", type=Path, help="also write the tables to this file")
     parser.add_argument("--json", type=Path, help="also write every measurement to this file")
     parser.add_argument("--chart", type=Path, help="also draw the medians to this PNG")
@@ -478,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
 
     chosen = [
         c
-        for c in configs(args.connections, args.batch_connections)
+        for c in configs(args.connections, args.batch_connections, args.before)
         if not args.only or any(o in c.name for o in args.only.split(","))
     ]
     pool = mnist_test_digits(512, seed=1)
