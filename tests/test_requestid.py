@@ -126,3 +126,29 @@ def test_the_503_and_the_access_log_carry_the_id(tmp_path: Path, mnist_digits: l
         log = (tmp_path / "bentoml.log").read_text(errors="replace")
     for i, response in enumerate(responses):
         assert re.search(rf"POST /predict -> {response.status_code} in [\d.]+ ms \[request_id=burst-{i}\]", log), i
+
+
+@pytest.mark.slow
+def test_the_504_of_the_request_deadline_carries_the_id(tmp_path: Path, mnist_digits: list[Digit]) -> None:
+    """Our deadline answers before BentoML's timeout middleware (which sits outside every middleware of ours and
+    could add no ID): eight 4096x4096 images take seconds to decode, the deadline is 1 s."""
+    images = 8
+    big = 4096 * 4096
+    env = {
+        "MNIST_EXPORTED_DIR": str(EXPORTED), "MNIST_MODELS": "mnist-cnn", "MNIST_WORKERS": "1",
+        "MNIST_REQUEST_TIMEOUT_S": "1", "MNIST_BODY_TIMEOUT_S": "0.5", "MNIST_MAX_REQUEST_PIXELS": str(images * big),
+        "MNIST_MAX_INFLIGHT_PIXELS": str(images * big), "BENTOML_HOME": str(tmp_path / "home"),
+    }  # fmt: skip
+    seven = next(d for d in mnist_digits if d.label == 7)
+    image = Image.fromarray(np.rint(seven.pixels * 255).astype(np.uint8)).resize((4096, 4096), Image.NEAREST)
+    out = io.BytesIO()
+    Image.fromarray(np.asarray(image).astype(np.uint16) * 257).save(out, format="PNG")
+    files = [("images", (f"{i}.png", out.getvalue(), "image/png")) for i in range(images)]
+    with LocalServer(env=env, log_path=tmp_path / "bentoml.log") as server:
+        response = post(server.url, "/predict_batch", files, rid="too-slow-1")
+    assert response.status_code == 504, response.text[:300]
+    assert response.headers["X-Request-ID"] == "too-slow-1"
+    assert response.json() == {
+        "error": "not able to process the request in 1 seconds (MNIST_REQUEST_TIMEOUT_S)",
+        "request_id": "too-slow-1",
+    }
