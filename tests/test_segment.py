@@ -20,33 +20,97 @@ def digits() -> np.ndarray:
     return data[0][:12]
 
 
-def flood_fill_count(mask: np.ndarray) -> int:
-    """8-connected components, counted the slow obvious way."""
-    seen = np.zeros_like(mask)
+def flood_fill(mask: np.ndarray) -> np.ndarray:
+    """The 8-connected component of each pixel (-1 off the mask), numbered in the order a row-major scan meets
+    them, the slow obvious way: the numbering `segment._label` promises (a component's first pixel starts its
+    first run)."""
+    labels = np.full(mask.shape, -1)
     count = 0
     for start in zip(*np.nonzero(mask), strict=True):
-        if seen[start]:
+        if labels[start] >= 0:
             continue
-        count += 1
-        seen[start] = True
+        labels[start] = count
         queue = deque([start])
         while queue:
             y, x = queue.popleft()
             for dy in (-1, 0, 1):
                 for dx in (-1, 0, 1):
                     yy, xx = y + dy, x + dx
-                    if 0 <= yy < mask.shape[0] and 0 <= xx < mask.shape[1] and mask[yy, xx] and not seen[yy, xx]:
-                        seen[yy, xx] = True
+                    if 0 <= yy < mask.shape[0] and 0 <= xx < mask.shape[1] and mask[yy, xx] and labels[yy, xx] < 0:
+                        labels[yy, xx] = count
                         queue.append((yy, xx))
-    return count
+        count += 1
+    return labels
+
+
+def assert_labels_match_flood_fill(mask: np.ndarray) -> None:
+    runs = segment._runs(mask)
+    labels, count = segment._label(runs, mask.shape[1])
+    expected = flood_fill(mask)
+    rows, starts, stops = runs
+    assert count == expected.max() + 1
+    # Each run's label is the flood fill's at every pixel of the run: same components, same numbering.
+    assert np.array_equal(labels, expected[rows, starts]) and np.array_equal(labels, expected[rows, stops - 1])
+
+
+def speckle_masks() -> list[np.ndarray]:
+    """Seeded masks for the labelling: random ones of every density the ink mask shows (1-60%), speckle (the
+    most runs per pixel), checkerboards (joined only diagonally), lines, full and empty, 1xN and Nx1."""
+    rng = np.random.default_rng(0)
+    masks = []
+    for _ in range(300):
+        shape = (int(rng.integers(1, 25)), int(rng.integers(1, 41)))
+        masks.append(rng.random(shape) < rng.uniform(0.01, 0.6))
+    yy, xx = np.mgrid[0:23, 0:37]
+    patterns = [
+        xx % 2 == 1,  # what the worst-case speckle upload leaves: a 1-pixel run on every other column
+        (xx % 2 == 1) & (rng.random(xx.shape) < 0.9),  # ... broken here and there
+        (yy + xx) % 2 == 0,  # a checkerboard: one piece, through its corners only
+        ((yy + xx) % 2 == 0) & (rng.random(xx.shape) < 0.8),
+        (yy % 2 == 0) & (xx % 2 == 0),  # single pixels two apart: every one its own piece
+        (xx - yy) % 5 == 0,  # diagonal lines, and the other way
+        (xx + yy) % 7 == 0,
+        np.ones(xx.shape, bool),
+        np.zeros(xx.shape, bool),
+    ]
+    for pattern in patterns:
+        masks += [pattern, pattern[:1], pattern[:, :1], pattern[::-1]]
+    return masks
+
+
+def test_run_length_labelling_matches_flood_fill() -> None:
+    for mask in speckle_masks():
+        assert_labels_match_flood_fill(mask)
 
 
 @pytest.mark.parametrize("density", [0.3, 0.5, 0.6])
-def test_run_length_labelling_matches_flood_fill(density: float) -> None:
-    mask = np.random.default_rng(int(density * 10)).random((60, 80)) < density
-    labels, count = segment._label(segment._runs(mask), mask.shape[1])
-    assert count == flood_fill_count(mask)
-    assert labels.max() == count - 1
+def test_run_length_labelling_matches_flood_fill_on_a_page(density: float) -> None:
+    assert_labels_match_flood_fill(np.random.default_rng(int(density * 10)).random((60, 80)) < density)
+
+
+def test_labelling_is_8_connected() -> None:
+    def count(rows: list[list[int]]) -> int:
+        mask = np.array(rows, bool)
+        return segment._label(segment._runs(mask), mask.shape[1])[1]
+
+    assert count([[1, 0], [0, 1]]) == count([[0, 1], [1, 0]]) == 1  # corners touch
+    assert count([[1, 0, 1]]) == count([[1], [0], [1]]) == count([[1, 0], [0, 0], [0, 1]]) == 2
+
+
+def test_labelling_the_worst_case_speckle() -> None:
+    # The most runs a mask on the analysis copy can hold (512 x 512): a 1-pixel run on every other column of every
+    # row, as the crafted speckle upload of docs/preprocessing.md leaves. Each column is one piece, numbered left
+    # to right (the first row meets them in that order).
+    mask = np.zeros((512, 512), bool)
+    mask[:, 1::2] = True
+    mask[100:140, 201:260] = True  # a digit's bar across 30 of them (columns 201..259), joining them
+    runs = segment._runs(mask)
+    labels, count = segment._label(runs, mask.shape[1])
+    _, starts, _ = runs
+    joined = (starts >= 201) & (starts < 260)
+    expected = np.where(joined, 100, np.where(starts < 201, starts // 2, starts // 2 - 29))
+    assert count == 256 - 29
+    assert np.array_equal(labels, expected)
 
 
 def test_min_and_max_filters_match_a_brute_force_window() -> None:
