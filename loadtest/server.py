@@ -7,10 +7,12 @@ Memory and CPU are read with psutil from the server's process tree: BentoML's su
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +43,10 @@ class LocalServer:
 
     Use as a context manager; `startup_seconds` is the time from launch until GET /readyz answers 200.
     The server runs in its own session so that stopping it ends exactly its process group.
+
+    Unless `env` names one, each server gets a BENTOML_HOME of its own (a temporary folder, removed at `stop()`):
+    every `bentoml serve` empties its home's Prometheus folder when it starts, so two servers sharing a home would
+    wipe and mix each other's metrics.
     """
 
     def __init__(
@@ -53,21 +59,27 @@ class LocalServer:
         """`command` (with `{port}` in it) runs another server instead, e.g. a benchmark baseline; every
         process it starts then counts as a worker."""
         self.env = {**os.environ, **(env or {})}
+        self.own_home = "BENTOML_HOME" not in (env or {})  # even when this process's environment has one
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = log_path
         self.command = [part.replace("{port}", str(self.port)) for part in command] if command else None
         self.proc: subprocess.Popen | None = None
         self.startup_seconds: float | None = None
+        self._home: str | None = None  # the BENTOML_HOME made for this server, if `env` named none
 
     def start(self, timeout: float = 120.0) -> LocalServer:
         log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL  # noqa: SIM115 - closed in stop()
         bentoml = Path(sys.executable).with_name("bentoml")
+        env = self.env
+        if self.own_home:
+            self._home = tempfile.mkdtemp(prefix="bentoml-home-")
+            env = {**env, "BENTOML_HOME": self._home}
         started = time.perf_counter()
         self.proc = subprocess.Popen(
             self.command or [str(bentoml), "serve", "--host", "127.0.0.1", "--port", str(self.port)],
             cwd=REPO,
-            env=self.env,
+            env=env,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
@@ -76,7 +88,9 @@ class LocalServer:
         while time.perf_counter() - started < timeout:
             if self.proc.poll() is not None:
                 tail = self.log_path.read_text(errors="replace")[-3000:] if self.log_path else "(no log kept)"
-                raise RuntimeError(f"{self.name} exited with {self.proc.returncode} during start-up:\n{tail}")
+                code = self.proc.returncode
+                self.stop()
+                raise RuntimeError(f"{self.name} exited with {code} during start-up:\n{tail}")
             try:
                 if requests.get(f"{self.url}/readyz", timeout=1).status_code == 200:
                     self.startup_seconds = time.perf_counter() - started
@@ -130,6 +144,9 @@ class LocalServer:
                 self.proc.wait()
         if self._log is not subprocess.DEVNULL:
             self._log.close()
+        if self._home is not None:
+            shutil.rmtree(self._home, ignore_errors=True)
+            self._home = None
         self.proc = None
 
     def __enter__(self) -> LocalServer:

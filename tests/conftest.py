@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -77,12 +78,18 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
 
 
 def serve(log: Path, **env_overrides: str) -> Iterator[Server]:
-    """A `bentoml serve` as `server` starts it, with these MNIST_* settings changed; yields it, then stops it."""
+    """A `bentoml serve` as `server` starts it, with these MNIST_* settings changed; yields it, then stops it.
+
+    Each server has a BENTOML_HOME of its own, next to its log: every `bentoml serve` empties its home's Prometheus
+    folder when it starts, so a server started later from a shared home would wipe this one's counters (and this
+    one's /metrics would then show the other's).
+    """
     models = tuple(name for name in ("mnist-cnn", "mnist-mlp") if (EXPORTED / f"{name}.onnx").is_file())
     model_file("mnist-cnn")
     port = free_port()
     env = {
         **os.environ,
+        "BENTOML_HOME": tempfile.mkdtemp(prefix="bentoml-home-", dir=log.parent),
         "MNIST_EXPORTED_DIR": str(EXPORTED),
         "MNIST_MODELS": ",".join(models),
         "MNIST_WORKERS": "2",
@@ -120,3 +127,14 @@ def serve(log: Path, **env_overrides: str) -> Iterator[Server]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def metric(url: str, name: str, **labels: str) -> float:
+    """The sum of metric `name` (a whole series name: `mnist_read_digits_count`) over the series of the server's
+    /metrics whose labels include `labels`; 0 when there is none."""
+    total = 0.0
+    for line in requests.get(f"{url}/metrics", timeout=30).text.splitlines():
+        if line.startswith((name + "{", name + " ")) and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+

@@ -8,6 +8,7 @@ import io
 import json
 import math
 import re
+import socket
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -17,13 +18,16 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import requests
-from conftest import TEST_MAX_BYTES, Digit, Server, model_file, serve
+from conftest import TEST_MAX_BYTES, Digit, Server, metric, model_file, serve
 from PIL import Image, ImageDraw, ImageFont
 
 from training import outliers
 from training.outliers import held_out_outliers
 
 TIMEOUT = 30
+REQUEST_ID = re.compile(r"[0-9a-f]{32}")  # a fresh one (service/http/requestid.py)
+
+pytestmark = pytest.mark.slow  # a real `bentoml serve` (two, with the dispatch one)
 
 
 @pytest.fixture(scope="module")
@@ -216,15 +220,132 @@ def test_32_concurrent_clients_all_get_correct_answers(server: Server, mnist_dig
 
 
 def test_metrics_count_predictions_and_time_both_stages(server: Server, mnist_digits: list[Digit]) -> None:
+    """Each series moves by exactly what the requests did (the names alone are there at 0 before any request)."""
     seven = next(d for d in mnist_digits if d.label == 7)
+    batch = mnist_digits[:4]
+    series = {
+        "sevens": ("mnist_predictions_total", {"model": "mnist-cnn", "digit": "7"}),
+        "answers": ("mnist_predictions_total", {"model": "mnist-cnn"}),
+        "mlp answers": ("mnist_predictions_total", {"model": "mnist-mlp"}),
+        "decoded": ("mnist_preprocess_seconds_count", {}),
+        "decoded, every bucket": ("mnist_preprocess_seconds_bucket", {"le": "+Inf"}),
+        "decode seconds": ("mnist_preprocess_seconds_sum", {}),
+        "runs": ("mnist_inference_seconds_count", {"model": "mnist-cnn"}),
+        "run seconds": ("mnist_inference_seconds_sum", {"model": "mnist-cnn"}),
+    }
+
+    def values() -> dict[str, float]:
+        return {key: metric(server.url, name, **labels) for key, (name, labels) in series.items()}
+
+    before = values()
     for _ in range(3):
         assert predict(server, seven).status_code == 200
-    text = requests.get(f"{server.url}/metrics", timeout=TIMEOUT).text
-    counted = [line for line in text.splitlines() if line.startswith("mnist_predictions_total{")]
-    sevens = [line for line in counted if 'digit="7"' in line and 'model="mnist-cnn"' in line]
-    assert sevens and float(sevens[0].rsplit(" ", 1)[1]) >= 3
-    assert "mnist_preprocess_seconds_bucket" in text
-    assert 'mnist_inference_seconds_count{model="mnist-cnn"}' in text
+    files = [("images", (d.name, d.png, "image/png")) for d in batch]
+    assert post(server, "/predict_batch", files=files).status_code == 200
+    assert post(server, "/predict_pixels", json={"pixels": seven.pixels.tolist()}).status_code == 200
+    assert predict(server, mnist_digits[1], model="not-loaded").status_code == 404
+    after = values()
+    moved = {key: after[key] - before[key] for key in series}
+    sevens_in_batch = sum(d.label == 7 for d in batch)
+    assert moved["sevens"] == 3 + sevens_in_batch + 1, moved  # 3 /predict, the batch's, /predict_pixels
+    assert moved["answers"] == 3 + len(batch) + 1 and moved["mlp answers"] == 0, moved
+    # Decoded: one per uploaded image (not the pixels, not the 404's, refused before its image was decoded).
+    assert moved["decoded"] == moved["decoded, every bucket"] == 3 + len(batch), moved
+    # One ONNX Runtime call per request: the batch's images go through the model together.
+    assert moved["runs"] == 3 + 1 + 1, moved
+    assert moved["decode seconds"] > 0 and moved["run seconds"] > 0, moved
+
+
+def test_a_server_started_later_leaves_this_servers_metrics_alone(
+    server: Server, mnist_digits: list[Digit], tmp_path: Path
+) -> None:
+    """Each test server has a BENTOML_HOME of its own (conftest.serve): a `bentoml serve` empties its home's
+    Prometheus folder when it starts, and from a shared home it wiped the running server's counters, whose /metrics
+    then showed the new server's."""
+    seven = next(d for d in mnist_digits if d.label == 7)
+    assert predict(server, seven).status_code == 200
+    before = metric(server.url, "mnist_predictions_total")
+    assert before >= 1
+    starting = serve(tmp_path / "bentoml.log", MNIST_WORKERS="1")
+    other = next(starting)
+    try:
+        assert predict(other, seven).status_code == 200
+        assert metric(other.url, "mnist_predictions_total") == 1
+        assert metric(server.url, "mnist_predictions_total") == before
+        assert predict(server, seven).status_code == 200
+        assert metric(server.url, "mnist_predictions_total") == before + 1
+    finally:
+        starting.close()  # stops it
+
+
+def offline_statuses(images: np.ndarray) -> list[str]:
+    """The documented status of each image (N, 28, 28) in [0, 1], from offline ONNX Runtime's probabilities."""
+    session = ort.InferenceSession(str(model_file("mnist-cnn")), providers=["CPUExecutionProvider"])
+    (probabilities,) = session.run(["probabilities"], {"image": images[:, np.newaxis].astype(np.float32)})
+    return [expected_status(row) for row in probabilities]
+
+
+def test_each_status_is_answered_by_name(server: Server, mnist_digits: list[Digit]) -> None:
+    """Each status asserted by its name ("ok", "uncertain", "not_a_digit") on inputs that earn it offline with the
+    file's thresholds: real digits, two digits drawn over each other (the model hesitates between them), a letter."""
+    pixels = np.stack([d.pixels for d in mnist_digits])
+    overlaid = np.stack([np.maximum(pixels[i], pixels[j]) for i in range(10) for j in range(10, 30)])
+    images = np.concatenate([pixels, overlaid])
+    statuses = offline_statuses(images)
+    uncertain = [k for k, status in enumerate(statuses) if status == "uncertain"]
+    assert len(uncertain) >= 5, "pick other inputs: too few between the thresholds for this model"
+    for k in uncertain:
+        answer = post(server, "/predict_pixels", json={"pixels": images[k].tolist()}).json()
+        assert answer["status"] == "uncertain", (k, answer["confidence"])
+        assert answer["confidence"] < cnn_thresholds()[1]  # still a digit and its probabilities, for a guess
+    # A sure digit: "ok", through /predict's whole path; and for one of the uncertain fixture digits, the same there.
+    sure = next(i for i, status in enumerate(statuses[: len(pixels)]) if status == "ok")
+    assert predict(server, mnist_digits[sure]).json()["status"] == "ok"
+    among_fixtures = [k for k in uncertain if k < len(pixels)]
+    for k in among_fixtures:
+        assert predict(server, mnist_digits[k]).json()["status"] == "uncertain"
+    letter = {"image": ("K.png", letter_png("K"), "image/png")}
+    assert post(server, "/predict", files=letter).json()["status"] == "not_a_digit"
+
+
+@pytest.mark.parametrize("path", ["/predict", "/predict_batch", "/read", "/predict_pixels"])
+def test_a_content_length_over_the_limit_gets_413_before_the_body_is_sent(server: Server, path: str) -> None:
+    """Refused from the header alone: not a byte of the body is sent, and the answer comes at once (a server that
+    waited for the body would answer 408 after MNIST_BODY_TIMEOUT_S, 5 s)."""
+    content_type = {"/predict_pixels": "application/json", "/predict_batch": "multipart/form-data; boundary=x"}
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: test\r\nContent-Type: {content_type.get(path, 'image/png')}\r\n"
+        f"Content-Length: {TEST_MAX_BYTES + 1}\r\n\r\n"
+    )
+    start = time.monotonic()
+    with socket.create_connection(("127.0.0.1", int(server.url.rsplit(":", 1)[1])), timeout=TIMEOUT) as sock:
+        sock.sendall(head.encode())
+        answer = b""
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert time.monotonic() - start < 4
+    assert answer.startswith(b"HTTP/1.1 413 "), answer[:300]
+    body = json.loads(answer.partition(b"\r\n\r\n")[2])
+    assert body["error"] == (
+        f"request body too large: {TEST_MAX_BYTES + 1} bytes; the limit is {TEST_MAX_BYTES} bytes (MNIST_MAX_BYTES)"
+    )
+
+
+def test_several_digits_on_one_image_of_a_batch_get_422_pointing_to_read(
+    server: Server, mnist_digits: list[Digit]
+) -> None:
+    three = np.hstack([d.pixels for d in mnist_digits[:3]])  # side by side, white on black
+    files = [
+        ("images", (mnist_digits[5].name, mnist_digits[5].png, "image/png")),
+        ("images", ("number.png", png(np.rint(three * 255).astype(np.uint8)), "image/png")),
+    ]
+    response = post(server, "/predict_batch", files=files)
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error.startswith("images[1] (number.png): found 3 digits side by side") and "/read" in error
 
 
 # -- client mistakes: each gets its 4xx and a message naming it, and the server keeps serving ------------
@@ -322,8 +443,9 @@ def test_client_mistakes_get_a_4xx_naming_them(server: Server, mnist_digits: lis
     assert response.status_code == status, response.text
     assert response.headers["content-type"] == "application/json"
     body = response.json()
-    assert set(body) == {"error"}
+    assert set(body) == {"error", "request_id"}
     assert message in body["error"]
+    assert REQUEST_ID.fullmatch(body["request_id"]) and body["request_id"] == response.headers["x-request-id"]
     # ...and the server still answers correctly.
     after = predict(server, mnist_digits[0])
     assert after.status_code == 200 and after.json()["digit"] == mnist_digits[0].label
@@ -337,6 +459,12 @@ def bentoml_dispatch(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Serve
     """The service with every per-request feature of BentoML we turn off by default turned back on."""
     log = tmp_path_factory.mktemp("dispatch") / "bentoml.log"
     yield from serve(log, MNIST_FAST_PATH="0", MNIST_ACCESS_LOG="1", MNIST_TRACING="1", MNIST_WORKERS="1")
+
+
+def without_request_id(response: requests.Response) -> dict:
+    body = response.json()
+    assert body.pop("request_id") == response.headers["x-request-id"]
+    return body
 
 
 SAME_ANSWER_CASES = ["not an image", "missing field", "malformed multipart", "too many bytes", "unknown model",
@@ -358,16 +486,22 @@ def test_bentoml_dispatch_answers_like_the_fast_path(
         kwargs = {k: (v() if callable(v) else v) for k, v in kwargs.items()}
         fast, dispatched = post(server, path, **kwargs), post(bentoml_dispatch, path, **kwargs)
         assert fast.status_code == dispatched.status_code == status, case
-        assert fast.json() == dispatched.json(), case
+        # The same body, each with its own request ID (the one in its header).
+        assert without_request_id(fast) == without_request_id(dispatched), case
     # The fast path answered the default server's requests: BentoML's dispatch adds its Server header.
     assert fast_batch.headers.get("server") is None
     assert predict(bentoml_dispatch, mnist_digits[0]).headers["server"] == "BentoML Service/mnist"
-    # What the settings bring back: BentoML's request ID (its tracing span) and its access log line.
+    # What the settings bring back: BentoML's request ID (its tracing span), and the access log: a line per answer,
+    # with the request ID the answer carries (a 200 is logged only with MNIST_ACCESS_LOG=1).
     assert "x-bentoml-request-id" in predict(bentoml_dispatch, mnist_digits[0]).headers
     assert "x-bentoml-request-id" not in predict(server, mnist_digits[0]).headers
+    files = {"image": (mnist_digits[0].name, mnist_digits[0].png, "image/png")}
+    for target in (server, bentoml_dispatch):
+        answer = post(target, "/predict", files=files, headers={"X-Request-ID": "access-log-check"})
+        assert answer.status_code == 200 and answer.headers["x-request-id"] == "access-log-check"
+    logged = re.compile(r"POST /predict -> 200 in [\d.]+ ms \[request_id=access-log-check\]")
     deadline = time.monotonic() + 10
-    logged = re.compile(r"method=POST,path=/predict\b.*status=200")
     while not logged.search(bentoml_dispatch.log.read_text(errors="replace")) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert logged.search(bentoml_dispatch.log.read_text(errors="replace"))
-    assert not logged.search(server.log.read_text(errors="replace"))
+    assert not re.search(r" -> 200 in ", server.log.read_text(errors="replace"))

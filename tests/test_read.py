@@ -7,11 +7,13 @@ import io
 import numpy as np
 import pytest
 import requests
-from conftest import Digit, Server
+from conftest import Digit, Server, metric
 from PIL import Image
 
 TIMEOUT = 30
 SIDE = 100  # each digit drawn 100 px tall
+
+pytestmark = pytest.mark.slow  # a real `bentoml serve`
 
 
 def post(server: Server, path: str, png: bytes, **fields: str) -> requests.Response:
@@ -119,6 +121,29 @@ def test_raw_body_and_model_choice(server: Server, readable: list[Digit]) -> Non
     assert response.json()["model"] == "mnist-mlp" and len(response.json()["digits"]) == 3
 
 
+@pytest.mark.parametrize("orientation", [3, 6, 8])
+def test_boxes_are_in_the_uploads_pixels_after_exif_rotation(
+    server: Server, readable: list[Digit], orientation: int
+) -> None:
+    """A phone's photo stored sideways with an EXIF orientation: read upright, boxes in the upright picture's
+    pixels, the same as for the upright upload."""
+    upright_png, _ = number_png(readable[:3])
+    upright = Image.open(io.BytesIO(upright_png))
+    # What the camera stored: the upright picture turned so that applying the orientation turns it back.
+    stored = upright.transpose({3: Image.Transpose.ROTATE_180, 6: Image.Transpose.ROTATE_90,
+                                8: Image.Transpose.ROTATE_270}[orientation])  # fmt: skip
+    exif = Image.Exif()
+    exif[0x0112] = orientation  # Orientation
+    out = io.BytesIO()
+    stored.save(out, format="PNG", exif=exif)
+    expected = post(server, "/read", upright_png).json()
+    body = post(server, "/read", out.getvalue()).json()
+    assert body["text"] == expected["text"] == "".join(str(d.label) for d in readable[:3])
+    assert [d["box"] for d in body["digits"]] == [d["box"] for d in expected["digits"]]
+    width, height = upright.size
+    assert all(x + w <= width and y + h <= height for x, y, w, h in (d["box"] for d in body["digits"]))
+
+
 def test_read_refuses_what_it_cannot_read(server: Server, readable: list[Digit]) -> None:
     blank = io.BytesIO()
     Image.new("L", (300, 200), 255).save(blank, format="PNG")
@@ -148,6 +173,34 @@ def test_predict_points_a_number_to_read(server: Server, readable: list[Digit]) 
 
 
 def test_metrics_count_digits_read(server: Server, readable: list[Digit]) -> None:
-    post(server, "/read", number_png(readable[:3])[0])
-    text = requests.get(f"{server.url}/metrics", timeout=TIMEOUT).text
-    assert "mnist_read_digits_count" in text and "mnist_read_digits_sum" in text
+    """Each series moves by exactly what one /read of three digits did (the names alone are there at 0)."""
+    digits = readable[:3]
+    series = {
+        "pages": ("mnist_read_digits_count", {}),
+        "digits": ("mnist_read_digits_sum", {}),
+        "pages of 3 or fewer": ("mnist_read_digits_bucket", {"le": "3.0"}),
+        "pages of 2 or fewer": ("mnist_read_digits_bucket", {"le": "2.0"}),
+        "answers": ("mnist_predictions_total", {"model": "mnist-cnn"}),
+        "decoded": ("mnist_preprocess_seconds_count", {}),
+        "runs": ("mnist_inference_seconds_count", {"model": "mnist-cnn"}),
+    }
+    labels = [str(d.label) for d in digits]
+    per_label = {label: labels.count(label) for label in labels}
+
+    def values() -> dict[str, float]:
+        out = {key: metric(server.url, name, **labels) for key, (name, labels) in series.items()}
+        for label in per_label:
+            out[f"digit {label}"] = metric(server.url, "mnist_predictions_total", model="mnist-cnn", digit=label)
+        return out
+
+    before = values()
+    response = post(server, "/read", number_png(digits)[0])
+    assert response.status_code == 200 and response.json()["text"] == "".join(labels), response.text
+    after = values()
+    moved = {key: after[key] - before[key] for key in after}
+    assert moved["pages"] == 1 and moved["digits"] == 3, moved
+    assert moved["pages of 3 or fewer"] == 1 and moved["pages of 2 or fewer"] == 0, moved
+    # Only the digits answered count as predictions (not the cuts tried and left), each under its digit.
+    assert moved["answers"] == 3 and all(moved[f"digit {label}"] == n for label, n in per_label.items()), moved
+    # The page is decoded once, and all its candidates go through the model in one call.
+    assert moved["decoded"] == 1 and moved["runs"] == 1, moved
