@@ -6,10 +6,11 @@ Pages are built from MNIST *test* digits (2-8 per page, gaps of 10-60% of a digi
 - ``separated``: 2-5 digits with gaps; ``long``: 6-8 digits; ``touching``: 2-5 digits where one pair touches or
   overlaps a little; ``two-rows``: two rows of 2-4 digits; ``fonts``: 2-6 typeset digits, separated.
 
-Each page goes through ``service.imaging.preprocess.read_digits`` and the model in one batch, as ``/read`` does.
-Printed per
-family: whole-string accuracy, the share of pages with the right number of digits, and per-digit accuracy
-(1 - edit distance / length, so a missed or extra digit costs one).
+Each page is read by the service's own ``service.inference.answers.read_number`` (what ``/read`` runs: decoding,
+segmentation, one batch through the model, the choice of cuts, the ``MNIST_MAX_DIGITS`` limit), with the service's
+default settings and its ONNX Runtime session (``service.inference.runtime``). Printed per family: whole-string
+accuracy, the share of pages with the right number of digits, and per-digit accuracy (1 - edit distance / length,
+so a missed or extra digit costs one).
 
     .venv/bin/python benchmarks/read_accuracy.py [--model exported/mnist-cnn.onnx] [--pages 200]
 """
@@ -23,15 +24,16 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 from PIL import Image, ImageDraw, ImageFont
 
 from benchmarks.preprocess_accuracy import PEN_COLOURS, _ink, _lay, _paper, _photo, _shadow
-from service.imaging.preprocess import ImageError, candidates, choose, decode_image, read_digits
+from service.errors import ClientError
+from service.inference.answers import read_number
+from service.inference.runtime import Model, load_model
+from service.settings import Settings
 from training.data import load_arrays
 
 REPO = Path(__file__).resolve().parent.parent
-LIMITS = {"max_bytes": 10_000_000, "max_pixels": 25_000_000}
 FAMILIES = ("separated", "long", "touching", "two-rows", "fonts")
 FONT_DIR = Path("/usr/share/fonts/truetype/dejavu")
 
@@ -117,18 +119,12 @@ def edit_distance(a: str, b: str) -> int:
     return previous[-1]
 
 
-def read(session: ort.InferenceSession, data: bytes) -> str:
-    """The text /read answers for this page (the same segmentation, batch and choice of cuts)."""
+def read(model: Model, data: bytes, settings: Settings) -> str:
+    """The text /read answers for this page ("" where it answers an error: no digit found, too many digits)."""
     try:
-        rows = read_digits(decode_image(data, **LIMITS), max_digits=64)
-    except ImageError:
+        return read_number(model, data, settings)["text"]
+    except ClientError:
         return ""
-    found = candidates(rows)
-    probabilities, logits = session.run(
-        ["probabilities", "logits"], {"image": np.stack([c.pixels for c in found])[:, None]}
-    )
-    chosen = choose(rows, logits.max(axis=1).tolist())
-    return "\n".join("".join(str(int(probabilities[k].argmax())) for k in row) for row in chosen)
 
 
 @dataclass(frozen=True)
@@ -145,21 +141,24 @@ class Score:
 
 
 def measure(
-    session: ort.InferenceSession,
+    model: Model,
     family: str,
     digits: tuple[np.ndarray, np.ndarray],
     pages: int,
     seed: int,
     save: Path | None = None,
+    settings: Settings | None = None,
 ) -> Score:
-    """Read `pages` pages of `family` built from `digits` (MNIST test images, labels) with `seed`; save them (named
-    by what was on them and what was read) under `save` if given."""
+    """Read `pages` pages of `family` built from `digits` (MNIST test images, labels) with `seed`, as /read does
+    with `settings` (default: the service's defaults); save them (named by what was on them and what was read)
+    under `save` if given."""
+    settings = settings or Settings()
     rng = np.random.default_rng([seed, FAMILIES.index(family)])
     made = [page(family, rng, *digits) for _ in range(pages)]
     right = counted = errors = length = 0
     start = time.perf_counter()
     for i, (data, truth) in enumerate(made):
-        got = read(session, data)
+        got = read(model, data, settings)
         right += got == truth
         counted += len(got.replace("\n", "")) == len(truth.replace("\n", ""))
         errors += edit_distance(got, truth)
@@ -185,7 +184,8 @@ def main() -> None:
 
     arrays = load_arrays(args.data_dir)
     digits = arrays["t10k-images-idx3-ubyte"], arrays["t10k-labels-idx1-ubyte"]
-    session = ort.InferenceSession(str(args.model), providers=["CPUExecutionProvider"])
+    settings = Settings()
+    model = load_model(args.model, "cpu", settings.intra_op_threads)  # the service's session, as one worker has it
     print(f"model {args.model.name}; {args.pages} pages per family (seed {args.seed})")
     print(f"{'family':10} {'string':>8} {'count':>8} {'per digit':>10} {'ms/page':>9}")
     all_errors = all_length = 0
@@ -193,7 +193,7 @@ def main() -> None:
         if family == "fonts" and not any(FONT_DIR.glob("DejaVu*.ttf")):
             print(f"{family:10} skipped: no DejaVu fonts in {FONT_DIR}")
             continue
-        score = measure(session, family, digits, args.pages, args.seed, args.save)
+        score = measure(model, family, digits, args.pages, args.seed, args.save, settings)
         n = score.pages
         print(
             f"{family:10} {score.right / n:8.1%} {score.counted / n:8.1%} {1 - score.errors / score.length:10.1%}"
