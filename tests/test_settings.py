@@ -1,19 +1,73 @@
-"""service/settings.py: environment variables in, one frozen settings object out."""
+"""service/settings.py: environment variables in, one frozen settings object out; its defaults are the README's."""
 
 from __future__ import annotations
 
+import dataclasses
+import os
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from service.settings import Settings, available_cores
+from service.settings import REPO_ROOT, Settings
+
+README = REPO_ROOT / "README.md"
+# Defaults the README gives in words rather than as a value.
+IN_WORDS = {"CPU cores available": len(os.sched_getaffinity(0)), "empty (no CORS)": ()}
+
+
+def readme_settings() -> dict[str, str]:
+    """{variable: its default cell} from the README's settings table (rows "| `MNIST_...` | default | meaning |")."""
+    text = README.read_text()
+    table = text[text.index("**Settings**") :]
+    rows = {}
+    for line in table[table.index("| variable |") :].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        found = re.match(r"\| `(MNIST_[A-Z_]+)` \| ([^|]+) \|", line)
+        assert found, f"a settings row this test cannot read: {line[:80]}"
+        rows[found[1]] = found[2].strip()
+    return rows
+
+
+def field_of(variable: str) -> str:
+    """MNIST_MAX_BYTES -> max_bytes: each variable sets the field of its name."""
+    return variable.removeprefix("MNIST_").lower()
+
+
+def documented_default(variable: str, cell: str) -> Any:
+    """The default a README cell gives, read as the service reads the variable: "`2`", "`10485760` (10 MiB)"."""
+    if cell in IN_WORDS:
+        return IN_WORDS[cell]
+    found = re.fullmatch(r"`([^`]*)`(?: \((.*)\))?", cell)
+    assert found, f"{variable}: the default {cell!r} is neither `a value` nor in IN_WORDS"
+    raw, gloss = found[1], found[2]
+    if gloss is not None and (size := re.fullmatch(r"(?:(\d+) × )?(\d+)(²| MiB)", gloss)):
+        times, base, unit = int(size[1] or 1), int(size[2]), size[3]
+        assert int(raw) == times * (base**2 if unit == "²" else base * 1024 * 1024), f"{variable}: {cell}"
+    value = getattr(Settings.from_env({variable: raw}), field_of(variable))
+    return REPO_ROOT / value if isinstance(value, Path) and not value.is_absolute() else value
+
+
+def test_every_setting_has_a_readme_row_and_every_row_a_setting() -> None:
+    documented = {field_of(variable) for variable in readme_settings()}
+    fields = {field.name for field in dataclasses.fields(Settings)}
+    assert documented == fields, f"undocumented: {fields - documented}; no such setting: {documented - fields}"
+
+
+@pytest.mark.parametrize("variable", sorted(readme_settings()))
+def test_the_default_is_the_readmes(variable: str) -> None:
+    expected = documented_default(variable, readme_settings()[variable])
+    assert getattr(Settings(), field_of(variable)) == expected, variable
+    assert getattr(Settings.from_env({}), field_of(variable)) == expected, variable
 
 
 def test_defaults() -> None:
     settings = Settings.from_env({})
     assert settings.models == ("mnist-cnn",) and settings.default_model == "mnist-cnn"
     assert settings.device == "auto"
-    assert settings.workers == available_cores()
+    assert settings.workers == len(os.sched_getaffinity(0))  # "CPU cores available" (README), whatever nproc says
     assert settings.max_bytes == 10 * 1024 * 1024 and settings.max_batch == 256
     assert settings.max_pixels <= settings.max_request_pixels <= settings.max_inflight_pixels
     assert settings.body_timeout_s < settings.request_timeout_s
@@ -42,8 +96,14 @@ def test_values_from_the_environment() -> None:
         "MNIST_FAST_PATH": "off",
         "MNIST_ACCESS_LOG": "1",
         "MNIST_TRACING": " Yes ",
+        "MNIST_MAX_DIGITS": "5",
+        "MNIST_SHUTDOWN_TIMEOUT_S": "3.5",
+        "MNIST_PATCHES": "drain, accept",
     }
+    assert set(env) == set(readme_settings()), "every documented variable, each set to a value of its own"
     settings = Settings.from_env(env)
+    defaults = Settings()
+    assert not [f.name for f in dataclasses.fields(Settings) if getattr(settings, f.name) == getattr(defaults, f.name)]
     assert settings.models == ("mnist-mlp", "mnist-cnn") and settings.default_model == "mnist-mlp"
     assert (settings.device, settings.workers, settings.threads) == ("cpu", 3, 4)
     assert (settings.max_bytes, settings.max_pixels, settings.max_batch) == (1000, 2000, 8)
@@ -54,6 +114,7 @@ def test_values_from_the_environment() -> None:
     assert (settings.header_timeout_s, settings.keepalive_timeout_s) == (1.0, 30.0)
     assert settings.cors_origins == ("https://a.example", "https://b.example")
     assert (settings.fast_path, settings.access_log, settings.tracing) == (False, True, True)
+    assert (settings.max_digits, settings.shutdown_timeout_s, settings.patches) == (5, 3.5, ("drain", "accept"))
 
 
 @pytest.mark.parametrize(
