@@ -1,5 +1,6 @@
-# One virtual environment (.venv), filled per need: `make serve` installs only the serving extra (no torch);
-# `make test`, `make train` and `make export` add the training and test extras.
+# One virtual environment (.venv), filled per need from the lock (requirements/, `make lock`): `make serve` installs
+# requirements/serving.txt (the serving extra: no torch); `make test`, `make train` and `make export` install
+# requirements/dev.txt (serving + training + tests).
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,21 +9,29 @@ STAMP  := $(VENV)/.stamp
 
 MODELS ?= cnn mlp cnn-tiny
 
-.PHONY: serve test lint format data train export evaluate bento container loadtest bench bench-preprocess bench-read chaos soak container-gpu sysdeps clean help
+.PHONY: serve test lint lock format data train export evaluate bento container loadtest bench bench-preprocess bench-read chaos soak container-gpu sysdeps clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
-	$(PIP) install -q --upgrade pip
 
-$(STAMP)-serving: pyproject.toml | $(BIN)/python
-	$(PIP) install -q -e '.[serving]'
+# A lock is the whole closure, every file hashed: pip resolves nothing (--no-deps) and installs nothing unlisted
+# (--require-hashes); `pip check` fails if the lock ever missed a dependency. `bentoml serve` runs from the
+# repository root, so serving needs no install of this project; dev installs it (editable) with the lock's own
+# setuptools (--no-build-isolation), not with whatever setuptools the index has that day.
+LOCK_INSTALL := $(PIP) install -q --require-hashes --no-deps -r
+
+$(STAMP)-serving: requirements/serving.txt | $(BIN)/python
+	$(LOCK_INSTALL) requirements/serving.txt
+	$(PIP) check -q
 	touch $@
 
-$(STAMP)-dev: pyproject.toml | $(BIN)/python
-	$(PIP) install -q -e '.[serving,training,tests]'
+$(STAMP)-dev: requirements/dev.txt pyproject.toml | $(BIN)/python
+	$(LOCK_INSTALL) requirements/dev.txt
+	$(PIP) install -q --no-deps --no-build-isolation -e .
+	$(PIP) check -q
 	touch $@ $(STAMP)-serving
 
 serve: $(STAMP)-serving  ## set up and serve the shipped model on http://localhost:3000 (UI at /ui)
@@ -34,6 +43,11 @@ sysdeps:  ## system packages the tests use (Chromium, Podman, runc, debootstrap)
 lint: $(STAMP)-dev  ## ruff lint and format check
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+
+# Needs PyPI. Keeps every pin pyproject.toml still allows; LOCK_ARGS=--upgrade (or "--upgrade-package numpy")
+# takes newer releases. tests/test_lock.py fails until this has run after a dependency edit.
+lock: $(STAMP)-dev  ## re-resolve pyproject.toml into the lock, requirements/{serving,dev}.txt (hashes; needs PyPI)
+	$(BIN)/python requirements/lock.py $(LOCK_ARGS)
 
 format: $(STAMP)-dev  ## apply ruff's formatting and safe fixes
 	$(BIN)/ruff format .
