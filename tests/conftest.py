@@ -138,3 +138,15 @@ def metric(url: str, name: str, **labels: str) -> float:
             total += float(line.rsplit(" ", 1)[1])
     return total
 
+
+# Slow (README, "Tests"): anything that starts a server, trains, exports, drives a browser or a container, or loads
+# a server. Marked in their files; here, the tests of files that are not marked as a whole: every test that uses a
+# `server` fixture (a real `bentoml serve`), and the files that train a model.
+SLOW_FIXTURES = ("server",)
+SLOW_FILES = {"test_train.py": "trains models", "test_export.py": "trains and exports a model"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.path.name in SLOW_FILES or any(name in SLOW_FIXTURES for name in getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
