@@ -157,8 +157,8 @@ def evaluate_onnx(path: Path, data_dir: Path | None = None, ood: bool = False) -
 
         pairs = touching_pairs(arrays["t10k-images-idx3-ubyte"], 2000, seed=12345)
         pair_probabilities, pair_logits = onnx_outputs(session, pairs)
-        # The service's status rule (service/inference/answers.py): not_a_digit below the threshold, else uncertain below
-        # the uncertain threshold.
+        # The service's status rule (service/inference/answers.py): not_a_digit below the threshold, else uncertain
+        # below the uncertain threshold.
         flagged = digit_score(pair_logits, kind) < threshold
         unsure = pair_probabilities.max(axis=1) < float(meta["uncertain_threshold"])
         result["ood"]["touching_pairs"] = {
