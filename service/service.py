@@ -48,7 +48,8 @@ CORS = {
         "enabled": True,
         "access_control_allow_origins": list(SETTINGS.cors_origins),
         "access_control_allow_methods": ["GET", "POST"],
-        "access_control_allow_headers": ["Content-Type"],
+        "access_control_allow_headers": ["Content-Type", "X-Request-ID"],
+        "access_control_expose_headers": ["X-Request-ID"],
     }
 }
 

@@ -144,6 +144,8 @@ def _patches(raw: str | None, default: tuple[str, ...]) -> tuple[str, ...]:
     if raw is None or not raw.strip():
         return default
     names = tuple(dict.fromkeys(n.strip().lower() for n in raw.split(",") if n.strip()))
+    if not names:
+        raise ValueError(f"MNIST_PATCHES={raw!r} names no patch; give a comma list of {', '.join(PATCHES)} (or none)")
     if names == ("none",):
         return ()
     unknown = [n for n in names if n not in PATCHES]

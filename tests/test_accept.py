@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from asyncio import selector_events
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,6 +24,7 @@ from service.http import patches
 from service.http.balance import (
     BURST,
     GONE,
+    LIVENESS_S,
     MAX_WAIT_S,
     TABLE_PREFIX,
     ConnectionTable,
@@ -33,6 +35,8 @@ from service.http.balance import (
     should_defer,
 )
 from service.http.patches import spread_accepts
+
+_SLOT_SIZE = 16  # one slot: count and pid, two 8-byte integers
 
 PENDING = 5
 
@@ -216,8 +220,20 @@ def test_a_worker_killed_outright_is_not_deferred_to(first_of_two_workers) -> No
         dead.wait()
         assert not process_alive(dead.pid)
         assert mine.mine_and_others() == (4, [0])  # its last count is still there...
+        time.sleep(LIVENESS_S)  # (liveness, once checked, is trusted this long)
         mine.waiting_since = None
         assert tasks_after_one_wakeup(PENDING) == 1  # ...but nobody waits on it
     finally:
         dead.kill()
         dead.wait()
+
+
+def test_a_worker_that_has_not_accepted_yet_is_deferred_to(first_of_two_workers) -> None:
+    """A slot nobody has written yet (a worker starting, or restarted after a kill) holds count 0 and no pid: that
+    worker is alive and empty, and a fresh server's first pool must be split with it."""
+    mine, _ = first_of_two_workers
+    mine._map[_SLOT_SIZE : 2 * _SLOT_SIZE] = bytes(_SLOT_SIZE)  # worker 2's slot, never written
+    mine.publish(3)
+    mine.waiting_since = None
+    assert mine.mine_and_others() == (3, [0])
+    assert tasks_after_one_wakeup(PENDING) == 0  # left to the worker holding none

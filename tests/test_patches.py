@@ -35,7 +35,7 @@ SNAPSHOT = """
 import json, asyncio.selector_events as se, uvicorn.config, uvicorn.server
 def snapshot():
     return [repr(se.BaseSelectorEventLoop._accept_connection), sorted(uvicorn.config.HTTP_PROTOCOLS.items()),
-            repr(uvicorn.server.Server.shutdown)]
+            repr(uvicorn.server.Server.shutdown), repr(uvicorn.config.Config.load)]
 before = snapshot()
 {action}
 print(json.dumps([before, snapshot()]))
@@ -64,10 +64,11 @@ def test_install_applies_every_patch_in_a_worker() -> None:
         "from service.http import patches; from service.settings import Settings; "
         "patches.install(Settings(workers=2), worker_index=1)"
     )
-    accept, protocols, shutdown = after
+    accept, protocols, shutdown, load = after
     assert accept != before[0]  # functools.wraps keeps the name: a different function object is the sign
     assert dict(protocols)["h11"] == dict(protocols)["auto"] == "service.http.patches:GuardedH11Protocol"
     assert shutdown != before[2] and "_draining_shutdown" in shutdown
+    assert "_configuring_load" in load
 
 
 def test_mnist_patches_applies_only_the_patches_it_names() -> None:
@@ -80,9 +81,29 @@ def test_mnist_patches_applies_only_the_patches_it_names() -> None:
         "from service.http import patches; from service.settings import Settings; "
         "patches.install(Settings.from_env({'MNIST_PATCHES': 'none', 'MNIST_WORKERS': '2'}), worker_index=1)"
     )
-    assert after == before
-    with pytest.raises(ValueError, match="MNIST_PATCHES names acept; give a comma list of accept, protocol, drain"):
-        Settings.from_env({"MNIST_PATCHES": "accept,acept"})
+    assert after[:3] == before[:3]
+    for bad in ("accept,acept", ","):
+        with pytest.raises(ValueError, match="MNIST_PATCHES"):
+            Settings.from_env({"MNIST_PATCHES": bad})
+
+
+@pytest.mark.parametrize("patch_list", ["accept,protocol,drain", "none", "accept"])
+def test_uvicorns_own_options_are_set_whatever_patches_run(patch_list: str) -> None:
+    """Keep-alive, the shutdown's bound and nosniff are public uvicorn options, set on every worker's Config (as
+    BentoML's worker builds it: keep-alive and graceful shutdown passed as None), not a patch to switch off."""
+    code = (
+        "import json, uvicorn; from service.http import patches; from service.settings import Settings; "
+        f"patches.install(Settings.from_env({{'MNIST_PATCHES': '{patch_list}', 'MNIST_KEEPALIVE_TIMEOUT_S': '7', "
+        "'MNIST_SHUTDOWN_TIMEOUT_S': '3'}), worker_index=1); "
+        "c = uvicorn.Config(app=lambda s, r, x: None, timeout_keep_alive=None, timeout_graceful_shutdown=None, "
+        "server_header=False); c.load(); "
+        "print(json.dumps([c.timeout_keep_alive, c.timeout_graceful_shutdown, [list(map(bytes.decode, h)) "
+        "for h in c.encoded_headers]]))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    keep_alive, bound, headers = json.loads(out.stdout.strip().splitlines()[-1])
+    assert (keep_alive, bound, headers) == (7, 3, [["x-content-type-options", "nosniff"]])
 
 
 @pytest.mark.parametrize("name", list(patches.PATCHED_SIGNATURES))
@@ -162,6 +183,6 @@ def test_a_stuck_request_holds_the_shutdown_no_longer_than_the_bound(tmp_path: P
     finally:
         server.stop()
     log = (tmp_path / "bentoml.log").read_text()
-    assert "patch active: draining shutdown, bounded at 2s" in log
+    assert "graceful shutdown bounded at 2s" in log
     # The bound, plus the worker's and the supervisor's own stopping; far below the request's 100 s.
     assert bound_s <= took < bound_s + 15, (took, log[-3000:])

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
+import logging
 import re
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -15,7 +17,7 @@ from conftest import EXPORTED, Digit, Server
 from PIL import Image
 
 from loadtest.server import LocalServer
-from service.http.requestid import MAX_LENGTH, request_id, sane
+from service.http.requestid import MAX_LENGTH, RequestIds, request_id, sane
 
 FRESH = re.compile(r"[0-9a-f]{32}")
 TIMEOUT = 60
@@ -152,3 +154,60 @@ def test_the_504_of_the_request_deadline_carries_the_id(tmp_path: Path, mnist_di
         "error": "not able to process the request in 1 seconds (MNIST_REQUEST_TIMEOUT_S)",
         "request_id": "too-slow-1",
     }
+
+
+def run_asgi(app_messages: list[dict], access_log: bool = False) -> list[dict]:
+    """What RequestIds sends for an app that sends `app_messages`."""
+    sent: list[dict] = []
+
+    async def app(scope: dict, receive: object, send: object) -> None:
+        for message in app_messages:
+            await send(dict(message))  # type: ignore[operator]
+
+    async def send(message: dict) -> None:
+        sent.append(message)
+
+    async def receive() -> dict:
+        return {"type": "http.disconnect"}
+
+    scope = {"type": "http", "method": "POST", "path": "/x", "headers": [(b"x-request-id", b"rid-1")]}
+    asyncio.run(RequestIds(app, access_log=access_log)(scope, receive, send))
+    return sent
+
+
+def start(status: int, length: int | None) -> dict:
+    headers = [(b"content-type", b"application/json")]
+    if length is not None:
+        headers.append((b"content-length", str(length).encode()))
+    return {"type": "http.response.start", "status": status, "headers": headers}
+
+
+def test_an_error_body_in_chunks_gets_the_id_and_its_new_length() -> None:
+    body = b'{"error": "bad"}'
+    sent = run_asgi([
+        start(400, len(body)),
+        {"type": "http.response.body", "body": body[:5], "more_body": True},
+        {"type": "http.response.body", "body": body[5:]},
+    ])  # fmt: skip
+    assert [m["type"] for m in sent] == ["http.response.start", "http.response.body"]
+    assert sent[1]["body"] == b'{"error": "bad", "request_id": "rid-1"}'
+    assert (b"content-length", str(len(sent[1]["body"])).encode()) in sent[0]["headers"]
+    assert (b"x-request-id", b"rid-1") in sent[0]["headers"]
+
+
+def test_an_error_body_too_large_to_hold_passes_unchanged() -> None:
+    chunk = b"x" * 40_000
+    messages = [start(400, 3 * len(chunk))] + [
+        {"type": "http.response.body", "body": chunk, "more_body": i < 2} for i in range(3)
+    ]
+    sent = run_asgi(messages)
+    assert (b"content-length", str(3 * len(chunk)).encode()) in sent[0]["headers"]
+    assert b"".join(m.get("body", b"") for m in sent[1:]) == 3 * chunk
+
+
+def test_server_errors_are_logged_as_errors_even_with_the_access_log(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="service.http.requestid"):
+        run_asgi([start(500, 2), {"type": "http.response.body", "body": b"{}"}], access_log=True)
+        run_asgi([start(200, 2), {"type": "http.response.body", "body": b"{}"}], access_log=True)
+    levels = [(r.levelname, r.getMessage().split(" -> ")[1].split(" ")[0]) for r in caplog.records]
+    assert levels == [("ERROR", "500"), ("INFO", "200")]

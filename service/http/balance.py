@@ -41,6 +41,7 @@ import os
 import socket
 import struct
 import tempfile
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -63,6 +64,8 @@ TABLE_PREFIX = "mnist-connections-"  # then the server's pid and the listening s
 # that a worker killed outright (SIGKILL, the OOM killer), which never wrote -1, is gone.
 _SLOT = struct.Struct("=qq")
 GONE = -1
+# How long a worker's liveness, once checked, is trusted (a killed worker is deferred to for at most this long).
+LIVENESS_S = 1.0
 
 
 def queued_connections(sock: socket.socket) -> int:
@@ -106,6 +109,7 @@ class ConnectionTable:
         self.timer: Any = None  # the pending look again, while the socket is not watched
         self.left = False  # stopped accepting (shutdown): its slot stays GONE
         self.pid = os.getpid()
+        self._liveness: dict[int, tuple[float, bool]] = {}  # pid -> (when checked, alive)
         self.publish(0)
 
     @classmethod
@@ -123,14 +127,25 @@ class ConnectionTable:
         """Every worker's count, as published (a dead worker's last count included: see `alive_counts`)."""
         return [_SLOT.unpack_from(self._map, i * _SLOT.size)[0] for i in range(self.workers)]
 
-    def alive_counts(self, counts: Sequence[int]) -> list[int]:
-        """`counts` (the others') with GONE for each worker whose process no longer runs. Only called before a
-        deferral, the rare case, since it costs a system call or two per worker."""
+    def alive_counts(self, counts: Sequence[int], below: int) -> list[int]:
+        """`counts` (the others') with GONE for each worker this one would defer to (holding fewer than `below`)
+        whose process no longer runs. A slot never written (pid 0) is a worker that has not accepted yet: alive.
+        Liveness is cached for LIVENESS_S per pid: a deferral looks again every millisecond."""
         others = [i for i in range(self.workers) if i != self.index]
-        return [
-            count if count == GONE or process_alive(_SLOT.unpack_from(self._map, i * _SLOT.size)[1]) else GONE
-            for i, count in zip(others, counts, strict=True)
-        ]
+        out = list(counts)
+        for k, (i, count) in enumerate(zip(others, counts, strict=True)):
+            if 0 <= count < below:
+                pid = _SLOT.unpack_from(self._map, i * _SLOT.size)[1]
+                if pid and not self._alive(pid):
+                    out[k] = GONE
+        return out
+
+    def _alive(self, pid: int) -> bool:
+        now = time.monotonic()
+        checked = self._liveness.get(pid)
+        if checked is None or now - checked[0] > LIVENESS_S:
+            checked = self._liveness[pid] = (now, process_alive(pid))
+        return checked[1]
 
     def mine_and_others(self) -> tuple[int, list[int]]:
         counts = self.counts()
@@ -141,7 +156,8 @@ class ConnectionTable:
         self.cancel()
         self.publish(GONE)
         self.left = True
-        if all(count == GONE for count in self.alive_counts(self.mine_and_others()[1])):
+        others = self.mine_and_others()[1]
+        if all(count == GONE for count in self.alive_counts(others, below=max(others, default=0) + 1)):
             self.path.unlink(missing_ok=True)
 
     def cancel(self) -> None:

@@ -56,7 +56,7 @@ class FastPath:
         if cors_origins:
             self.dispatch = CORSMiddleware(
                 self._dispatch, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
-                allow_headers=["Content-Type"],
+                allow_headers=["Content-Type", "X-Request-ID"], expose_headers=["X-Request-ID"],
             )  # fmt: skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -69,19 +69,26 @@ class FastPath:
         handle: Handler = getattr(get_current_service(), self.routes[scope["path"]])
         request = Request(scope, receive, send)
         try:
-            # Our own deadline, the same as BentoML's (which sits outside every user middleware, so its 504 would
-            # carry no request ID): the work is cancelled, and stops at its next image (http/work.py).
-            async with asyncio.timeout(self.timeout_s):
-                response = await handle(request)
-        except TimeoutError:
-            response = JSONResponse(
-                {"error": f"not able to process the request in {self.timeout_s:g} seconds (MNIST_REQUEST_TIMEOUT_S)"},
-                status_code=504,
-            )
+            response = await self._within_deadline(handle, request)
         except Exception:  # a bug of ours: logged, answered as BentoML would, and the worker keeps serving
             log.exception("%s %s failed [request_id=%s]", scope["method"], scope["path"], requestid.current())
             response = JSONResponse(INTERNAL_ERROR, status_code=500)
         await response(scope, receive, send)
+
+    async def _within_deadline(self, handle: Handler, request: Request) -> Response:
+        try:
+            # Our own deadline, the same as BentoML's (which sits outside every user middleware, so its 504 would
+            # carry no request ID): the work is cancelled, and stops at its next image (http/work.py).
+            async with asyncio.timeout(self.timeout_s) as deadline:
+                response = await handle(request)
+        except TimeoutError:
+            if not deadline.expired():
+                raise  # a timeout of the handler's own, not the deadline: a bug, answered 500 by _dispatch
+            response = JSONResponse(
+                {"error": f"not able to process the request in {self.timeout_s:g} seconds (MNIST_REQUEST_TIMEOUT_S)"},
+                status_code=504,
+            )
+        return response
 
 
 def api_routes(apis: Mapping[str, Any]) -> dict[str, str]:

@@ -20,8 +20,9 @@ it, is in docs/benchmarks.md ("What the patches earn").
   mistakes with 500).
 
 What a public option does is not patched: uvicorn's keep-alive and graceful-shutdown timeouts and default headers are
-set on uvicorn's own `Config` (`timeout_keep_alive`, `timeout_graceful_shutdown`, `headers`), which BentoML builds
-without them.
+set as uvicorn's own `Config` options (`timeout_keep_alive`, `timeout_graceful_shutdown`, `headers`), which BentoML
+builds without them; the one hook for that is a wrapper of uvicorn's public `Config.load`, installed in every worker
+whatever MNIST_PATCHES says (`configure`).
 
 The connection-level patches (uvicorn's H11Protocol, Server.shutdown):
 - **Header timeout** (slowloris). uvicorn times out only an idle keep-alive connection, and any byte
@@ -80,8 +81,8 @@ _PATCHED = "_mnist_fair_share_accept"
 # The settings `install` was called with (read by the patched code at run time).
 _settings: Settings | None = None
 
-# Headers uvicorn adds to every response it sends.
-DEFAULT_HEADERS = [(b"x-content-type-options", b"nosniff")]
+# Headers uvicorn adds to every response it sends (its `headers` option).
+DEFAULT_HEADERS = [("x-content-type-options", "nosniff")]
 _REQUEST_TIMEOUT = (
     b"HTTP/1.1 408 Request Timeout\r\ncontent-type: application/json\r\nconnection: close\r\n"
     b"x-content-type-options: nosniff\r\ncontent-length: %d\r\n\r\n%s"
@@ -163,12 +164,7 @@ class GuardedH11Protocol(H11Protocol):
     header_timeout_s = 5.0
 
     def __init__(self, config: uvicorn.config.Config, *args: Any, **kwargs: Any) -> None:
-        configure(config)
         super().__init__(config, *args, **kwargs)
-        if not getattr(config, "_mnist_headers", False):
-            # uvicorn copies these into server_state.default_headers once a second; the first second too.
-            self.server_state.default_headers = [*self.server_state.default_headers, *DEFAULT_HEADERS]
-            config._mnist_headers = True
         self._header_timer: asyncio.TimerHandle | None = None
         self._awaited_after: Any = None  # the cycle before the request whose headers we wait for
         self._draining = False
@@ -243,19 +239,31 @@ class GuardedH11Protocol(H11Protocol):
 def configure(config: uvicorn.config.Config) -> None:
     """Set uvicorn's own public options that BentoML's worker does not pass: the keep-alive timeout, the bound on
     a graceful shutdown (without it uvicorn waits for in-flight requests for ever, and BentoML's supervisor waits
-    a day for the worker), and the headers of every answer. Once per config, before a protocol reads them."""
-    if _settings is None or getattr(config, "_mnist_configured", False):
+    a day for the worker) and a header on every answer. Called by `Config.load` (see `install`), before uvicorn
+    derives anything from them.
+
+    `bentoml serve --timeout-graceful-shutdown` wins over MNIST_SHUTDOWN_TIMEOUT_S; `--timeout-keep-alive` does not,
+    because BentoML always passes uvicorn a keep-alive of its own and MNIST_KEEPALIVE_TIMEOUT_S is ours."""
+    if _settings is None:
         return
     config.timeout_keep_alive = _settings.keepalive_timeout_s  # type: ignore[assignment]  # uvicorn takes floats
-    if config.timeout_graceful_shutdown is None:  # `bentoml serve --timeout-graceful-shutdown` wins
+    if config.timeout_graceful_shutdown is None:
         config.timeout_graceful_shutdown = _settings.shutdown_timeout_s  # type: ignore[assignment]
-    config.encoded_headers = [*config.encoded_headers, *DEFAULT_HEADERS]
-    config._mnist_configured = True  # type: ignore[attr-defined]
+    have = {name.lower() for name, _ in config.headers}
+    config.headers = [*config.headers, *((k, v) for k, v in DEFAULT_HEADERS if k not in have)]
+
+
+def _configuring_load(self: uvicorn.config.Config) -> None:
+    """uvicorn's Config.load, after our options are set on the config (public attributes, read by load)."""
+    configure(self)
+    _uvicorn_load(self)
+
+
+_uvicorn_load = uvicorn.config.Config.load
 
 
 async def _draining_shutdown(self: Server, sockets: list[socket.socket] | None = None) -> None:
     """uvicorn's Server.shutdown, preceded by the drain of the listen queue (module docstring)."""
-    configure(self.config)  # no connection came: the shutdown's bound is set here
     accept = original_accept()
     for server in self.servers:
         loop = server._loop  # asyncio's Server keeps what its accept handler needs
@@ -350,7 +358,9 @@ def spread_accepts(workers: int, worker_index: int | None = None) -> None:
             now = time.monotonic()
             waited = now - (table.waiting_since or now)
             # Only to a live worker: one killed outright never marked its slot GONE (checked only here, the rare case).
-            if should_defer(mine, others, waited) and should_defer(mine, table.alive_counts(others), waited):
+            if should_defer(mine, others, waited) and should_defer(
+                mine, table.alive_counts(others, below=mine), waited
+            ):
                 table.waiting_since = table.waiting_since or now
                 self._remove_reader(sock.fileno())
                 table.timer = self.call_later(
@@ -431,6 +441,9 @@ def install(settings: Settings, worker_index: int) -> None:
     (`worker_index`: 1 to settings.workers), before uvicorn starts."""
     global _settings
     _settings = settings
+    # Not switchable: it only sets public options (keep-alive, the shutdown's bound, nosniff) on the Config that
+    # BentoML builds, through the one public method that sees it before the server starts.
+    uvicorn.config.Config.load = _configuring_load  # type: ignore[method-assign]
     if "protocol" in settings.patches:
         GuardedH11Protocol.header_timeout_s = settings.header_timeout_s
         protocol = f"{GuardedH11Protocol.__module__}:{GuardedH11Protocol.__qualname__}"
@@ -460,7 +473,7 @@ def report(loop: asyncio.AbstractEventLoop) -> None:
             settings.header_timeout_s, settings.keepalive_timeout_s,
         )  # fmt: skip
     if "drain" in settings.patches:
-        log.info("patch active: draining shutdown, bounded at %gs", settings.shutdown_timeout_s)
+        log.info("patch active: draining shutdown (the listen queue is drained, then the socket refuses)")
     selector_loop = isinstance(loop, selector_events.BaseSelectorEventLoop)
     if not selector_loop and {"accept", "drain"} & set(settings.patches):
         log.warning(
@@ -472,6 +485,12 @@ def report(loop: asyncio.AbstractEventLoop) -> None:
         log.info(
             "patch active: asyncio's accept takes a fair share (connections split over %d workers)", settings.workers
         )
+    log.info(
+        "uvicorn options set: keep-alive %gs, graceful shutdown bounded at %gs, X-Content-Type-Options: nosniff",
+        settings.keepalive_timeout_s, settings.shutdown_timeout_s,
+    )  # fmt: skip
+    if "drain" in settings.patches and "protocol" not in settings.patches:
+        log.warning("MNIST_PATCHES: drain without protocol: connections drained at SIGTERM are closed unanswered")
     off = [name for name in PATCHES if name not in settings.patches]
     if off:
         log.warning("patches off (MNIST_PATCHES): %s; uvicorn and asyncio as shipped there", ", ".join(off))
@@ -485,6 +504,7 @@ PATCHED_SIGNATURES: dict[str, tuple[Callable[..., Any], tuple[str, ...]]] = {
     ),
     "uvicorn Server.shutdown": (Server.shutdown, ("self", "sockets")),
     "uvicorn H11Protocol.__init__": (H11Protocol.__init__, ("self", "config", "server_state", "app_state")),
+    "uvicorn Config.load": (uvicorn.config.Config.load, ("self",)),
 }
 
 

@@ -76,18 +76,22 @@ class RequestIds:
                 status = message["status"]
                 message["headers"] = [*message.get("headers", ()), header]
                 if status >= 400 and _is_json(message["headers"]):
-                    held = message
+                    held = message  # until its body is whole: the ID goes into it
                     return
             elif held is not None and message["type"] == "http.response.body":
                 chunks.append(message.get("body", b""))
-                if message.get("more_body", False) and sum(map(len, chunks)) <= MAX_ERROR_BODY:
+                more = message.get("more_body", False)
+                if more and sum(map(len, chunks)) <= MAX_ERROR_BODY:
                     return
                 start_message, held = held, None
-                body = _with_id(b"".join(chunks), rid)
-                start_message["headers"] = [
-                    (k, str(len(body)).encode() if k.lower() == b"content-length" else v)
-                    for k, v in start_message["headers"]
-                ]
+                body = b"".join(chunks)
+                if not more:  # whole: add the ID, and set the length to the new body's
+                    body = _with_id(body, rid)
+                    start_message["headers"] = [
+                        (k, str(len(body)).encode() if k.lower() == b"content-length" else v)
+                        for k, v in start_message["headers"]
+                    ]
+                # else: too large to hold; sent on as it is
                 await send(start_message)
                 message = {**message, "body": body}
             await send(message)
@@ -100,9 +104,11 @@ class RequestIds:
                 self._log(scope, status, time.perf_counter() - start, rid)
 
     def _log(self, scope: Scope, status: int, seconds: float, rid: str) -> None:
-        level = logging.INFO if self.access_log or 400 <= status < 500 else logging.ERROR
+        level = logging.INFO  # the access log, and the client's mistakes
         if status == 503:
             level = logging.WARNING
+        elif status >= 500 or status == 0:  # 0: the app raised before it answered
+            level = logging.ERROR
         client = scope.get("client") or ("-", 0)
         log.log(
             level, "%s %s %s -> %s in %.1f ms [request_id=%s]",

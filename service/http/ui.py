@@ -26,7 +26,7 @@ CONTENT_SECURITY_POLICY = (
     "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data: blob:; "
     "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
-# X-Content-Type-Options: nosniff is on every answer of the server already (connections.DEFAULT_HEADERS).
+# X-Content-Type-Options: nosniff is on every answer of the server already (http/patches.py, `configure`).
 SECURITY_HEADERS = [
     (b"content-security-policy", CONTENT_SECURITY_POLICY.encode()),
     (b"referrer-policy", b"no-referrer"),

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import contextvars
 import ctypes
+import functools
 import logging
 import threading
 import time
@@ -129,8 +130,7 @@ class Offloader:
         except BaseException:
             self.budget.release(pixels)
             raise
-        if pixels:
-            future.add_done_callback(lambda _: self.budget.release(pixels))
+        future.add_done_callback(functools.partial(_finished, self.budget, pixels))
         watcher = loop.create_task(_watch_disconnect(request, stop)) if request is not None else None
         try:
             # shield: cancelling this task must not mark the thread's future done (and free its pixels) early.
@@ -141,6 +141,15 @@ class Offloader:
         finally:
             if watcher is not None:
                 watcher.cancel()
+
+
+def _finished(budget: PixelBudget, pixels: int, future: asyncio.Future[Any]) -> None:
+    """The thread is done: its pixels go back to the budget, and its outcome is read even when nobody awaits it any
+    more (a request cancelled by its deadline or its client), so asyncio does not log it as never retrieved."""
+    if pixels:
+        budget.release(pixels)
+    if not future.cancelled():
+        future.exception()
 
 
 def _job(stop: threading.Event, pixels: int, start_by: float, func: Callable[..., T], args: tuple[Any, ...]) -> T:
