@@ -23,7 +23,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .errors import ClientError
-from .http import patches, web
+from .http import patches, requestid, web
 from .http.fastpath import FastPath, api_routes
 from .http.patches import JSONAnswer, MultipartRequest, RawRequest
 from .http.requestid import RequestIds
@@ -200,9 +200,11 @@ def tune_garbage_collector() -> None:
 
 
 def rejection(exc: ClientError) -> JSONResponse:
-    """A client mistake as `{"error": ...}` with its 4xx status and headers (Retry-After, Connection); the request
-    ID is added on the way out (requestid.py)."""
-    return JSONResponse({"error": str(exc)}, status_code=exc.status, headers=exc.headers)
+    """A client mistake as `{"error": ..., "request_id": ...}` with its 4xx status and headers (Retry-After,
+    Connection)."""
+    return JSONResponse(
+        {"error": str(exc), "request_id": requestid.current()}, status_code=exc.status, headers=exc.headers
+    )
 
 
 def answered(ctx: bentoml.Context, response: JSONResponse) -> JSONResponse:
@@ -212,12 +214,14 @@ def answered(ctx: bentoml.Context, response: JSONResponse) -> JSONResponse:
 
 
 API_ROUTES = api_routes(MNIST.apis)  # {route: API method name}
-# The first added is the outermost of ours: the request ID wraps everything, then the fast path skips the rest.
-MNIST.add_asgi_middleware(RequestIds, access_log=SETTINGS.access_log)
+# The first added is the outermost of ours: the fast path answers the API routes (request IDs included) and skips
+# the rest; everything else gets its request ID from RequestIds.
 if SETTINGS.fast_path:
     MNIST.add_asgi_middleware(
-        FastPath, routes=API_ROUTES, timeout_s=SETTINGS.request_timeout_s, cors_origins=SETTINGS.cors_origins
-    )
+        FastPath, routes=API_ROUTES, timeout_s=SETTINGS.request_timeout_s, cors_origins=SETTINGS.cors_origins,
+        access_log=SETTINGS.access_log,
+    )  # fmt: skip
+MNIST.add_asgi_middleware(RequestIds, access_log=SETTINGS.access_log)
 MNIST.add_asgi_middleware(web.RelativeRedirects)  # Location without the client's Host (web.py)
 if not SETTINGS.tracing:
     # BentoML's OpenTelemetry middleware makes a span for every request even with no exporter configured;

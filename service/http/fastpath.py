@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
@@ -47,10 +48,16 @@ class FastPath:
     instance's handler for it; everything else to `app`."""
 
     def __init__(
-        self, app: ASGIApp, routes: Mapping[str, str], timeout_s: float, cors_origins: Sequence[str] = ()
+        self,
+        app: ASGIApp,
+        routes: Mapping[str, str],
+        timeout_s: float,
+        cors_origins: Sequence[str] = (),
+        access_log: bool = False,
     ) -> None:
         self.app = app
         self.timeout_s = timeout_s
+        self.access_log = access_log
         self.routes = {path: handler_name(name) for path, name in routes.items()}
         self.dispatch: ASGIApp = self._dispatch
         if cors_origins:
@@ -66,14 +73,23 @@ class FastPath:
             await self.app(scope, receive, send)
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
-        handle: Handler = getattr(get_current_service(), self.routes[scope["path"]])
-        request = Request(scope, receive, send)
+        # The request ID (requestid.py) is added here, to the response object, rather than by its middleware: the
+        # API routes skip that extra ASGI layer and its wrapped `send`.
+        start = time.perf_counter()
+        rid, token = requestid.begin(scope)
         try:
-            response = await self._within_deadline(handle, request)
-        except Exception:  # a bug of ours: logged, answered as BentoML would, and the worker keeps serving
-            log.exception("%s %s failed [request_id=%s]", scope["method"], scope["path"], requestid.current())
-            response = JSONResponse(INTERNAL_ERROR, status_code=500)
-        await response(scope, receive, send)
+            handle: Handler = getattr(get_current_service(), self.routes[scope["path"]])
+            try:
+                response = await self._within_deadline(handle, Request(scope, receive, send))
+            except Exception:  # a bug of ours: logged, answered as BentoML would, and the worker keeps serving
+                log.exception("%s %s failed [request_id=%s]", scope["method"], scope["path"], rid)
+                response = JSONResponse({**INTERNAL_ERROR, "request_id": rid}, status_code=500)
+            response.raw_headers.append((requestid.HEADER, rid.encode("ascii")))
+            await response(scope, receive, send)
+        finally:
+            requestid.end(token)
+        if self.access_log or response.status_code >= 400:
+            requestid.log_answer(scope, response.status_code, time.perf_counter() - start, rid)
 
     async def _within_deadline(self, handle: Handler, request: Request) -> Response:
         try:
@@ -85,7 +101,10 @@ class FastPath:
             if not deadline.expired():
                 raise  # a timeout of the handler's own, not the deadline: a bug, answered 500 by _dispatch
             response = JSONResponse(
-                {"error": f"not able to process the request in {self.timeout_s:g} seconds (MNIST_REQUEST_TIMEOUT_S)"},
+                {
+                    "error": f"not able to process the request in {self.timeout_s:g} seconds (MNIST_REQUEST_TIMEOUT_S)",
+                    "request_id": requestid.current(),
+                },
                 status_code=504,
             )
         return response

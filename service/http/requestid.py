@@ -6,9 +6,11 @@ answer's `X-Request-ID` header, into the body of every JSON error answer (`"requ
 (the access line, with MNIST_ACCESS_LOG=1, and one line per 5xx, and per 4xx at INFO). Inside the request,
 `current()` returns it.
 
-A pure ASGI middleware, outermost of ours, so the fast path's answers and BentoML's dispatch both pass through
-it. BentoML's own middlewares sit outside every user middleware; the one answer they could make for one of our
-routes, the 504 of BentoML's request timeout, is made by our own deadline first (fastpath.py).
+Two places do it, sharing the helpers here: the fast path (fastpath.py) for the API routes, on the response objects
+it already holds (no extra ASGI layer on the hot path), and `RequestIds`, a pure ASGI middleware, for everything
+else (BentoML's dispatch with MNIST_FAST_PATH=0, health, metrics, the pages). BentoML's own middlewares sit outside
+every user middleware; the one answer they could make for one of our routes, the 504 of BentoML's request timeout,
+is made by our own deadline first (fastpath.py).
 """
 
 from __future__ import annotations
@@ -16,8 +18,8 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import time
-import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -42,13 +44,37 @@ def sane(value: bytes) -> bool:
 
 
 def request_id(scope: Scope) -> str:
-    """The client's sane X-Request-ID, else a fresh one (32 hex digits)."""
+    """The client's sane X-Request-ID, else a fresh one (32 random hex digits)."""
     for name, value in scope.get("headers", ()):
         if name == HEADER:
             if sane(value):
                 return value.decode("ascii")
             break
-    return uuid.uuid4().hex
+    return os.urandom(16).hex()
+
+
+def begin(scope: Scope) -> tuple[str, contextvars.Token[str | None]]:
+    """The request's ID, made current (`current()`) until `end(token)`."""
+    rid = request_id(scope)
+    return rid, _current.set(rid)
+
+
+def end(token: contextvars.Token[str | None]) -> None:
+    _current.reset(token)
+
+
+def log_answer(scope: Scope, status: int, seconds: float, rid: str) -> None:
+    """One line about an answer, with its ID: 5xx (and no answer at all) at ERROR, 503 at WARNING, else INFO."""
+    level = logging.INFO  # the access log, and the client's mistakes
+    if status == 503:
+        level = logging.WARNING
+    elif status >= 500 or status == 0:  # 0: the app raised before it answered
+        level = logging.ERROR
+    client = scope.get("client") or ("-", 0)
+    log.log(
+        level, "%s %s %s -> %s in %.1f ms [request_id=%s]",
+        client[0], scope["method"], scope["path"], status or "no answer", seconds * 1000, rid,
+    )  # fmt: skip
 
 
 class RequestIds:
@@ -62,8 +88,7 @@ class RequestIds:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        rid = request_id(scope)
-        token = _current.set(rid)
+        rid, token = begin(scope)
         header = (HEADER, rid.encode("ascii"))
         start = time.perf_counter()
         status = 0
@@ -99,21 +124,9 @@ class RequestIds:
         try:
             await self.app(scope, receive, send_with_id)
         finally:
-            _current.reset(token)
+            end(token)
             if self.access_log or status >= 400 or status == 0:
-                self._log(scope, status, time.perf_counter() - start, rid)
-
-    def _log(self, scope: Scope, status: int, seconds: float, rid: str) -> None:
-        level = logging.INFO  # the access log, and the client's mistakes
-        if status == 503:
-            level = logging.WARNING
-        elif status >= 500 or status == 0:  # 0: the app raised before it answered
-            level = logging.ERROR
-        client = scope.get("client") or ("-", 0)
-        log.log(
-            level, "%s %s %s -> %s in %.1f ms [request_id=%s]",
-            client[0], scope["method"], scope["path"], status or "no answer", seconds * 1000, rid,
-        )  # fmt: skip
+                log_answer(scope, status, time.perf_counter() - start, rid)
 
 
 def _is_json(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -16,20 +16,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import logging
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from python_multipart.exceptions import MultipartParseError
-from python_multipart.multipart import MultipartParser, parse_options_header
+import multipart
 from starlette.requests import ClientDisconnect, Request
 
 from ..errors import ClientGone, RequestError
-
-# python-multipart logs every malformed body as a warning of its own; the service answers it with a 400 and logs
-# that once, with its request ID (requestid.py).
-logging.getLogger("python_multipart.multipart").setLevel(logging.ERROR)
 
 # Text fields are model names and flags: anything longer is a mistake, not a reason to buffer megabytes.
 MAX_FIELD_BYTES = 1024
@@ -144,93 +138,54 @@ def parse_multipart(
     max_fields: int = MAX_FIELDS,
     max_field_bytes: int = MAX_FIELD_BYTES,
 ) -> list[Part]:
-    """The parts of a whole multipart/form-data `body` (RFC 7578), in order, parsed by python-multipart.
+    """The parts of a whole multipart/form-data `body` (RFC 7578), in order, parsed by the `multipart` library.
 
-    Its low-level `MultipartParser` (what Starlette's form parser runs underneath), fed the whole body at once: our
-    bodies are read whole anyway (the images are decoded in memory), and Starlette's wrapper around it (a
-    SpooledTemporaryFile per part, an async stream) cost ~200 us of a one-digit /predict (docs/benchmarks.md); the
-    parser alone costs ~25 us. Same rules and limits as Starlette's (tests/test_uploads.py runs both on the same
-    bodies): a part needs a Content-Disposition with a `name`; text fields at most `max_field_bytes`; at most
-    `max_files` files and `max_fields` fields; a body cut short is refused.
+    Its push parser, fed the whole body at once: our bodies are read whole anyway (the images are decoded in memory).
+    Measured in process (docs/benchmarks.md, "Foundation"): ~8 us for a one-digit /predict body, where
+    python-multipart's byte-by-byte header parser took ~24 us and Starlette's form parser around it ~200 us. Same
+    rules and limits as Starlette's (tests/test_uploads.py runs both on the same bodies): a part needs a
+    Content-Disposition with a `name`; text fields at most `max_field_bytes`; at most `max_files` files and
+    `max_fields` fields; a part's headers at most 8 lines of 4 KiB; a body cut short is refused.
     """
-    _, options = parse_options_header(content_type)
-    boundary = options.get(b"boundary")
+    _, options = multipart.parse_options_header(content_type)
+    boundary = options.get("boundary")
     if not boundary:
         raise MultipartError("no boundary in the Content-Type header")
-    reader = _PartReader(max_files, max_fields, max_field_bytes)
-    parser = MultipartParser(boundary, reader.callbacks())
+    if not body.startswith(b"--" + boundary.encode("latin-1")):  # no preamble, as in Starlette's parser
+        raise MultipartError("the body does not start with the boundary from the Content-Type header")
+    parts: list[Part] = []
+    files = fields = 0
+    segment: multipart.MultipartSegment | None = None
+    data: list[bytes] = []
     try:
-        parser.write(body)
-        parser.finalize()
-    except MultipartParseError as exc:
+        with multipart.PushMultipartParser(boundary, max_segment_count=max_files + max_fields + 1) as parser:
+            for event in parser.parse(body):
+                if isinstance(event, multipart.MultipartSegment):
+                    if not event.name:
+                        raise MultipartError('the Content-Disposition header field "name" must be provided')
+                    segment, data = event, []
+                elif event:
+                    data.append(event)
+                elif segment is not None:  # None: the segment is complete
+                    if segment.filename is None:
+                        fields += 1
+                        if fields > max_fields:
+                            raise MultipartError(f"Too many fields. Maximum number of fields is {max_fields}.")
+                        if segment.size > max_field_bytes:
+                            raise MultipartError(f"text field {segment.name!r} is longer than {max_field_bytes} bytes")
+                    else:
+                        files += 1
+                        if files > max_files:
+                            raise TooManyFiles(f"Too many files. Maximum number of files is {max_files}.")
+                    parts.append(Part(segment.name, segment.filename, b"".join(data)))
+            if not parser.closed:
+                try:
+                    parser.close()
+                except multipart.ParserError:
+                    raise MultipartError("the body ends inside a part (no closing boundary)") from None
+    except multipart.ParserError as exc:
         raise MultipartError(str(exc)) from None
-    if not reader.ended:
-        raise MultipartError("the body ends inside a part (no closing boundary)")
-    return reader.parts
-
-
-class _PartReader:
-    """python-multipart's callbacks, collecting the parts and enforcing the limits as each part ends."""
-
-    def __init__(self, max_files: int, max_fields: int, max_field_bytes: int) -> None:
-        self.max_files, self.max_fields, self.max_field_bytes = max_files, max_fields, max_field_bytes
-        self.parts: list[Part] = []
-        self.files = self.fields = 0
-        self.ended = False
-        self._data: list[bytes] = []
-        self._headers: list[tuple[bytes, bytes]] = []
-        self._field = bytearray()
-        self._value = bytearray()
-
-    def callbacks(self) -> dict[str, Any]:
-        return {
-            "on_part_begin": self._begin,
-            "on_header_field": lambda data, start, end: self._field.extend(data[start:end]),
-            "on_header_value": lambda data, start, end: self._value.extend(data[start:end]),
-            "on_header_end": self._header_end,
-            "on_part_data": lambda data, start, end: self._data.append(data[start:end]),
-            "on_part_end": self._end,
-            "on_end": self._body_end,
-        }
-
-    def _begin(self) -> None:
-        self._data.clear()
-        self._headers.clear()
-
-    def _header_end(self) -> None:
-        self._headers.append((bytes(self._field).strip().lower(), bytes(self._value)))
-        self._field.clear()
-        self._value.clear()
-
-    def _end(self) -> None:
-        name, filename = _disposition(self._headers)
-        data = b"".join(self._data)
-        if filename is None:
-            self.fields += 1
-            if self.fields > self.max_fields:
-                raise MultipartError(f"Too many fields. Maximum number of fields is {self.max_fields}.")
-            if len(data) > self.max_field_bytes:
-                raise MultipartError(f"text field {name!r} is longer than {self.max_field_bytes} bytes")
-        else:
-            self.files += 1
-            if self.files > self.max_files:
-                raise TooManyFiles(f"Too many files. Maximum number of files is {self.max_files}.")
-        self.parts.append(Part(name, filename, data))
-
-    def _body_end(self) -> None:
-        self.ended = True
-
-
-def _disposition(headers: list[tuple[bytes, bytes]]) -> tuple[str, str | None]:
-    """(name, filename or None) from a part's headers (names lower-cased)."""
-    for key, value in headers:
-        if key == b"content-disposition":
-            _, options = parse_options_header(value.strip())
-            if b"name" not in options:
-                raise MultipartError('the Content-Disposition header field "name" must be provided')
-            filename = options.get(b"filename")
-            return _decode(options[b"name"]), None if filename is None else _decode(filename)
-    raise MultipartError("a part without a Content-Disposition header")
+    return parts
 
 
 def _decode(raw: bytes) -> str:
