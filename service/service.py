@@ -13,7 +13,9 @@ import asyncio
 import contextlib
 import gc
 import logging
+import os
 import re
+import signal
 from typing import Any
 
 import bentoml
@@ -31,8 +33,10 @@ from .http.ui import ui_app
 from .http.uploads import read_images, read_json
 from .http.work import Offloader, request_pixels
 from .inference.answers import classify, classify_pixels, is_small, read_number
-from .inference.runtime import Registry
+from .inference.runtime import ModelError, Registry
 from .settings import Settings
+
+log = logging.getLogger(__name__)
 
 SETTINGS = Settings.from_env()
 # BentoML's worker sets its index before it imports this module; `bentoml serve` itself, `bentoml build` and the
@@ -81,7 +85,11 @@ model_app = Starlette(routes=[Route("/model", model_cards, methods=["GET"]), *we
 )
 class MNIST:
     def __init__(self) -> None:
-        self.registry = Registry.load(SETTINGS)
+        try:
+            self.registry = Registry.load(SETTINGS)
+        except ModelError as exc:
+            stop_the_server(exc)
+            raise
         self.work: Offloader | None = None
         tune_garbage_collector()
         # BentoML makes the instance in the worker's lifespan, inside its event loop; a script or test has none.
@@ -184,6 +192,16 @@ class MNIST:
         if self.work is None:
             self.work = Offloader(SETTINGS.threads, SETTINGS.max_inflight_pixels)
         return await self.work.run(func, *args, pixels=pixels, request=request)
+
+
+def stop_the_server(exc: ModelError) -> None:
+    """A model that cannot be served (no file, metadata missing, MNIST_DEVICE=cuda without CUDA) is the operator's
+    to fix, and no restart fixes it: BentoML's supervisor would restart the worker for ever, never ready and never
+    gone. So a serving worker asks `bentoml serve` (its parent) to stop, and the container or unit exits."""
+    if bentoml.server_context.worker_index is None:
+        return  # not a serving worker (a script, a test): the exception is enough
+    log.critical("cannot serve: %s; stopping bentoml serve", exc)
+    os.kill(os.getppid(), signal.SIGTERM)
 
 
 def tune_garbage_collector() -> None:

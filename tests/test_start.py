@@ -76,8 +76,8 @@ def test_a_bad_setting_stops_the_server_naming_it(tmp_path: Path) -> None:
 
 
 def never_served(log: Path, env: dict[str, str], problem: str) -> None:
-    """The server is never ready and answers no request, and its log names `problem`. Whether `bentoml serve` exits
-    or keeps restarting its workers (BentoML 1.4 restarts them), nothing is served wrongly."""
+    """The server is never ready and answers no request, its log names `problem`, and `bentoml serve` stops (BentoML
+    1.4 alone would restart the failing workers for ever: the worker asks its supervisor to stop)."""
     process, url = start(log, env)
     try:
         deadline = time.monotonic() + LIMIT_S
@@ -94,6 +94,8 @@ def never_served(log: Path, env: dict[str, str], problem: str) -> None:
         with pytest.raises(requests.RequestException):  # no answer, or an error
             answer = requests.post(f"{url}/predict", files={"image": ("d.png", digit)}, timeout=2)
             answer.raise_for_status()
+        process.wait(timeout=LIMIT_S)  # TimeoutExpired: still running, restarting its workers
+        assert "cannot serve" in log.read_text(errors="replace")
     finally:
         stop(process)
 
