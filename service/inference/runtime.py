@@ -236,7 +236,8 @@ def load_model(path: Path, device: str = "auto", intra_op_threads: int = 1) -> M
 
 
 class Registry:
-    """The models one worker serves, by name; the first one answers requests that name none."""
+    """The models one worker serves, by name and version; the first name is the default model, and each name has a
+    default version (the one a request that names no version gets)."""
 
     def __init__(self, models: dict[str, Model], default: str) -> None:
         self.models = models
@@ -250,12 +251,34 @@ class Registry:
             models[name] = model
         return cls(models, settings.default_model)
 
-    def get(self, name: str | None) -> Model:
-        """The model called `name` (the default for None or ""); UnknownModelError otherwise."""
+    def get(self, name: str | None, version: str | None = None) -> Model:
+        """The model called `name` (the default for None or ""), at `version` (its default version for None or "");
+        UnknownModelError otherwise."""
         model = self.models.get(name or self.default) if isinstance(name, str | None) else None
         if model is None:
             raise UnknownModelError(str(name), list(self.models))
+        if version and version != model.card.version:
+            raise UnknownModelError(f"{model.card.name} version {version}", self.versions(model.card.name))
         return model
+
+    def names(self) -> list[str]:
+        """The names of the models served, the default first."""
+        return list(self.models)
+
+    def versions(self, name: str) -> list[str]:
+        """The versions of `name` this worker serves (UnknownModelError for a name it does not serve)."""
+        return [self.get(name).card.version]
+
+    def default_version(self, name: str) -> str:
+        return self.get(name).card.version
+
+    def ready(self, name: str, version: str | None = None) -> bool:
+        """Whether `name` (at `version`) is served by every worker of this server."""
+        try:
+            self.get(name, version)
+        except UnknownModelError:
+            return False
+        return True
 
     def cards(self) -> list[dict[str, Any]]:
         return [model.card.as_dict() for model in self.models.values()]
