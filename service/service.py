@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .errors import ClientError
-from .http import patches, requestid, web
+from .http import admin, patches, requestid, v2, web
 from .http.fastpath import FastPath, api_routes
 from .http.patches import JSONAnswer, MultipartRequest, RawRequest
 from .http.requestid import RequestIds
@@ -33,6 +33,7 @@ from .http.ui import ui_app
 from .http.uploads import read_images, read_json
 from .http.work import Offloader, request_pixels
 from .inference.answers import classify, classify_pixels, is_small, read_number
+from .inference.repository import Repository
 from .inference.runtime import ModelError, Registry
 from .settings import Settings
 
@@ -64,7 +65,14 @@ async def model_cards(_: Request) -> JSONResponse:
 
 
 # BentoML APIs answer POST only; GET /model is a one-route app, matched only for that path.
-model_app = Starlette(routes=[Route("/model", model_cards, methods=["GET"]), *web.routes])
+# The management routes of the model repository exist only with MNIST_ADMIN_TOKEN set (http/admin.py). Their answers
+# wait for every worker, at most half the request timeout, so that the answer beats BentoML's timeout.
+ADMIN_ROUTES = admin.routes(SETTINGS.admin_token, SETTINGS.body_timeout_s, SETTINGS.request_timeout_s / 2)
+# The Open Inference Protocol (KServe V2) under /v2 (http/v2.py).
+OPEN_INFERENCE = v2.OpenInference(SETTINGS)
+model_app = Starlette(
+    routes=[Route("/model", model_cards, methods=["GET"]), *web.routes, *ADMIN_ROUTES, *OPEN_INFERENCE.routes]
+)
 
 
 @bentoml.asgi_app(ui_app, path="/ui")
@@ -85,16 +93,28 @@ model_app = Starlette(routes=[Route("/model", model_cards, methods=["GET"]), *we
 )
 class MNIST:
     def __init__(self) -> None:
+        # A serving worker follows the model repository, whose versions change live (inference/repository.py); a
+        # script or test that makes the class itself gets MNIST_MODELS' files, fixed.
+        self.repository: Repository | None = None
         try:
-            self.registry = Registry.load(SETTINGS)
+            if bentoml.server_context.worker_index is None:
+                self.registry = Registry.load(SETTINGS)
+            else:
+                self.repository = Repository(SETTINGS, bentoml.server_context.worker_index)
+                self.repository.start()
+                self.registry = self.repository.registry
         except ModelError as exc:
             stop_the_server(exc)
             raise
+        self._following: asyncio.Task | None = None
         self.work: Offloader | None = None
         tune_garbage_collector()
         # BentoML makes the instance in the worker's lifespan, inside its event loop; a script or test has none.
         with contextlib.suppress(RuntimeError):
-            patches.report(asyncio.get_running_loop())
+            loop = asyncio.get_running_loop()
+            patches.report(loop)
+            if self.repository is not None:
+                self._following = loop.create_task(self.repository.follow())
 
     # The API methods, as BentoML sees them (OpenAPI, routes, clients). Each one's work is in its handler,
     # `handle_<name>(request)`, which FastPath (fastpath.py) calls directly for requests over HTTP; the
@@ -102,7 +122,7 @@ class MNIST:
 
     @bentoml.api(route="/predict", input_spec=MultipartRequest, output_spec=JSONAnswer)
     async def predict(self, ctx: bentoml.Context) -> JSONResponse:
-        """One image: multipart file field `image` (fields `model`, `return_image`), or a raw image/* body."""
+        """One image: multipart file field `image` (fields model, version, return_image), or a raw image/* body."""
         return answered(ctx, await self.handle_predict(ctx.request))
 
     @bentoml.api(route="/predict_batch", input_spec=MultipartRequest, output_spec=JSONAnswer)
@@ -132,7 +152,7 @@ class MNIST:
                 too_many="send one image per request to /predict, or several to /predict_batch",
                 timeout_s=SETTINGS.body_timeout_s,
             )  # fmt: skip
-            model = self.registry.get(upload.fields.get("model"))
+            model = self.registry.get(upload.fields.get("model"), upload.fields.get("version"))
             args = (model, upload.files, upload.flag("return_image"), SETTINGS)
             # A digit-sized image (the usual upload) costs ~0.2 ms: less than handing it to a thread.
             if is_small(upload.files[0][1]):
@@ -151,7 +171,7 @@ class MNIST:
                 too_many=f"too many images: the limit is {SETTINGS.max_batch} per request (MNIST_MAX_BATCH)",
                 allow_raw=False, timeout_s=SETTINGS.body_timeout_s,
             )  # fmt: skip
-            model = self.registry.get(upload.fields.get("model"))
+            model = self.registry.get(upload.fields.get("model"), upload.fields.get("version"))
             pixels = request_pixels(upload.files, SETTINGS.max_request_pixels)
             answers = await self._offload(
                 classify, model, upload.files, upload.flag("return_image"), SETTINGS, pixels=pixels, request=request
@@ -166,7 +186,7 @@ class MNIST:
                 request, field="image", max_files=1, max_bytes=SETTINGS.max_bytes,
                 too_many="send one image per request to /read", timeout_s=SETTINGS.body_timeout_s,
             )  # fmt: skip
-            model = self.registry.get(upload.fields.get("model"))
+            model = self.registry.get(upload.fields.get("model"), upload.fields.get("version"))
             pixels = request_pixels(upload.files, SETTINGS.max_request_pixels)
             data = upload.files[0][1]
             return JSONResponse(await self._offload(read_number, model, data, SETTINGS, pixels=pixels, request=request))
@@ -176,7 +196,7 @@ class MNIST:
     async def handle_predict_pixels(self, request: Request) -> JSONResponse:
         try:
             body = await read_json(request, max_bytes=SETTINGS.max_bytes, timeout_s=SETTINGS.body_timeout_s)
-            model = self.registry.get(body.get("model"))
+            model = self.registry.get(body.get("model"), body.get("version"))
             return JSONResponse(await self._offload(classify_pixels, model, body))
         except ClientError as exc:
             return rejection(exc)

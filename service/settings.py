@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -69,6 +69,15 @@ class Settings:
     # MNIST_PATCHES: comma list of the patches of server internals to apply (http/patches.py), or "none": to measure
     # what each one earns, or to run without one that a library upgrade broke.
     patches: tuple[str, ...] = PATCHES
+    # MNIST_MODEL_REPOSITORY: where the versions loaded through the management API are kept (<name>/<version>/
+    # model.onnx) and the state every worker follows (inference/repository.py); must be writable.
+    model_repository: Path = field(default_factory=lambda: _bentoml_home(os.environ) / "mnist-repository")
+    # MNIST_ADMIN_TOKEN: the bearer token of the management routes (load, unload, set the default version); unset:
+    # those routes do not exist. At least 16 characters. Never logged, never in repr().
+    admin_token: str = field(default="", repr=False)
+    # MNIST_GATE_MARGIN: a version takes traffic only if its accuracy on the shipped verification digits is at least
+    # the test accuracy its metadata claims minus this (inference/gate.py).
+    gate_margin: float = 0.02
 
     @property
     def default_model(self) -> str:
@@ -85,6 +94,11 @@ class Settings:
 
     def model_path(self, name: str) -> Path:
         return self.exported_dir / f"{name}.onnx"
+
+    @property
+    def verification_digits(self) -> Path:
+        """Real MNIST test digits every version must read before it takes traffic (`python -m training.sample`)."""
+        return self.exported_dir / "verification-digits.npz"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None) -> Settings:
@@ -119,6 +133,9 @@ class Settings:
             tracing=_flag(env, "MNIST_TRACING", defaults.tracing),
             cors_origins=tuple(o.strip() for o in env.get("MNIST_CORS_ORIGINS", "").split(",") if o.strip()),
             patches=_patches(env.get("MNIST_PATCHES"), defaults.patches),
+            model_repository=Path(env.get("MNIST_MODEL_REPOSITORY") or _bentoml_home(env) / "mnist-repository"),
+            admin_token=_token(env.get("MNIST_ADMIN_TOKEN", "")),
+            gate_margin=_fraction(env, "MNIST_GATE_MARGIN", defaults.gate_margin),
         )._checked()
 
     def _checked(self) -> Settings:
@@ -138,6 +155,36 @@ class Settings:
                 f"{self.max_inflight_pixels}, or such a request could never be served"
             )
         return self
+
+
+def _bentoml_home(env: Mapping[str, str]) -> Path:
+    """BentoML's home (its own default when BENTOML_HOME is unset): per server in the tests, so each test server has
+    a repository of its own."""
+    return Path(env.get("BENTOML_HOME") or Path.home() / "bentoml")
+
+
+def _token(raw: str) -> str:
+    token = raw.strip()
+    if token and (len(token) < 16 or not token.isascii() or not token.isprintable()):
+        # The value itself is never echoed: it is a secret, even a bad one.
+        raise ValueError(
+            f"MNIST_ADMIN_TOKEN must be at least 16 printable ASCII characters (it has {len(token)}); "
+            "e.g. `python -c 'import secrets; print(secrets.token_urlsafe(32))'`"
+        )
+    return token
+
+
+def _fraction(env: Mapping[str, str], name: str, default: float) -> float:
+    raw = env.get(name)
+    if raw is None or not raw.strip():
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise ValueError(f"{name}={value:g} must be a fraction between 0 and 1")
+    return value
 
 
 def _patches(raw: str | None, default: tuple[str, ...]) -> tuple[str, ...]:

@@ -112,7 +112,7 @@ def timed(model: Model, run: Callable[[np.ndarray], Any], pixels: np.ndarray) ->
     """`run(pixels)`, one ONNX Runtime call of `model`, counted in mnist_inference_seconds."""
     start = time.perf_counter()
     outputs = run(pixels)
-    inference_seconds(model.card.name).observe(time.perf_counter() - start)
+    inference_seconds(model.card.name, model.card.version).observe(time.perf_counter() - start)
     return outputs
 
 
@@ -151,4 +151,4 @@ def answer_status(card: ModelCard, confidence: float, digit_score: float) -> str
 
 
 def count_prediction(card: ModelCard, digit: int) -> None:
-    prediction_count(card.name, card.labels[digit]).inc()
+    prediction_count(card.name, card.version, card.labels[digit]).inc()

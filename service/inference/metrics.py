@@ -20,9 +20,9 @@ INFERENCE_BUCKETS = (0.0001, 0.0002, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.025, 0
 
 @dataclass(frozen=True)
 class Metrics:
-    predictions: Any  # Counter: answers given, by model and predicted digit
+    predictions: Any  # Counter: answers given, by model, version and predicted digit
     preprocess_seconds: Any  # Histogram: one image, bytes -> 28x28
-    inference_seconds: Any  # Histogram: one ONNX Runtime call (a whole batch), by model
+    inference_seconds: Any  # Histogram: one ONNX Runtime call (a whole batch), by model and version
     read_digits: Any  # Histogram: digits found on one /read image
 
 
@@ -49,7 +49,11 @@ def _create() -> Metrics:
     from prometheus_client import Counter, Histogram
 
     return Metrics(
-        predictions=Counter("mnist_predictions", "Digits predicted, by model and digit", labelnames=("model", "digit")),
+        predictions=Counter(
+            "mnist_predictions",
+            "Digits predicted, by model, version and digit",
+            labelnames=("model", "version", "digit"),
+        ),
         preprocess_seconds=Histogram(
             "mnist_preprocess_seconds",
             "Time to decode and normalise one uploaded image",
@@ -58,7 +62,7 @@ def _create() -> Metrics:
         inference_seconds=Histogram(
             "mnist_inference_seconds",
             "Time of one ONNX Runtime call (one or more images)",
-            labelnames=("model",),
+            labelnames=("model", "version"),
             buckets=INFERENCE_BUCKETS,
         ),
         read_digits=Histogram(
@@ -75,10 +79,10 @@ def _create() -> Metrics:
 
 
 @functools.cache
-def prediction_count(model: str, label: str) -> Any:
-    return metrics().predictions.labels(model, label)
+def prediction_count(model: str, version: str, label: str) -> Any:
+    return metrics().predictions.labels(model, version, label)
 
 
 @functools.cache
-def inference_seconds(model: str) -> Any:
-    return metrics().inference_seconds.labels(model)
+def inference_seconds(model: str, version: str) -> Any:
+    return metrics().inference_seconds.labels(model, version)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,7 @@ CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 # ONNX Runtime's own log levels: 2 = warning (its default), 4 = fatal only.
 _ORT_WARNING, _ORT_FATAL = 2, 4
+_cuda_warned = False
 
 
 class ModelError(RuntimeError):
@@ -166,7 +168,10 @@ def create_session(path: Path, device: str, intra_op_threads: int) -> ort.Infere
             "CUDA/cuDNN libraries onnxruntime-gpu needs are missing; see the log above). "
             "Use MNIST_DEVICE=auto to fall back to the CPU, or MNIST_DEVICE=cpu."
         )
-    log.warning("CUDA is not usable on this machine; %s runs on the CPU (MNIST_DEVICE=auto)", path.name)
+    global _cuda_warned
+    if not _cuda_warned:  # once per worker, not once per model (and per version loaded later)
+        _cuda_warned = True
+        log.warning("CUDA is not usable on this machine; models run on the CPU (MNIST_DEVICE=auto)")
     return session
 
 
@@ -235,53 +240,97 @@ def load_model(path: Path, device: str = "auto", intra_op_threads: int = 1) -> M
     return Model(session, card)
 
 
-class Registry:
-    """The models one worker serves, by name and version; the first name is the default model, and each name has a
-    default version (the one a request that names no version gets)."""
+class UnknownVersionError(ClientError):
+    """A request named a version of a model that is not loaded (404)."""
 
-    def __init__(self, models: dict[str, Model], default: str) -> None:
-        self.models = models
-        self.default = default
+    def __init__(self, name: str, version: str, loaded: list[str]) -> None:
+        super().__init__(404, f"model {name!r} has no version {version!r} loaded; loaded versions: {', '.join(loaded)}")
+
+
+class Registry:
+    """The models one worker serves, by name and version. The first name is the default model, and each name has a
+    default version: the one a request that names no version gets.
+
+    The model repository (repository.py) swaps in new contents while requests run: the three parts are one tuple,
+    replaced in one assignment, and each lookup reads it once, so no request sees half of a change. A request that
+    already holds a Model keeps it (and its session) to the end, even if its version is unloaded meanwhile.
+    """
+
+    def __init__(
+        self,
+        models: dict[str, dict[str, Model]],
+        defaults: dict[str, str],
+        default: str,
+        everywhere: Callable[[str, str], bool] | None = None,
+    ) -> None:
+        self._view = (models, defaults, default)
+        # Whether a loaded version is loaded by every worker of the server (the repository knows); one worker alone:
+        # loaded here is loaded everywhere.
+        self._everywhere = everywhere
 
     @classmethod
     def load(cls, settings: Settings) -> Registry:
+        """The models MNIST_MODELS names, one version each (the file in MNIST_EXPORTED_DIR), without a repository."""
         models = {}
         for name in settings.models:
             model = load_model(settings.model_path(name), settings.device, settings.intra_op_threads)
-            models[name] = model
-        return cls(models, settings.default_model)
+            models[name] = {model.card.version: model}
+        return cls.of(models, settings.default_model)
+
+    @classmethod
+    def of(cls, models: dict[str, dict[str, Model]], default: str, **kwargs: Any) -> Registry:
+        """A registry whose default version of each model is its first one."""
+        return cls(models, {name: next(iter(versions)) for name, versions in models.items()}, default, **kwargs)
+
+    def replace(self, models: dict[str, dict[str, Model]], defaults: dict[str, str], default: str) -> None:
+        self._view = (models, defaults, default)
+
+    @property
+    def default(self) -> str:
+        """The name of the default model."""
+        return self._view[2]
 
     def get(self, name: str | None, version: str | None = None) -> Model:
         """The model called `name` (the default for None or ""), at `version` (its default version for None or "");
-        UnknownModelError otherwise."""
-        model = self.models.get(name or self.default) if isinstance(name, str | None) else None
+        UnknownModelError or UnknownVersionError otherwise."""
+        models, defaults, default = self._view
+        if not isinstance(name, str | None) or not isinstance(version, str | None):
+            raise UnknownModelError(str(name), list(models))
+        name = name or default
+        versions = models.get(name)
+        if versions is None:
+            raise UnknownModelError(name, list(models))
+        model = versions.get(version or defaults[name])
         if model is None:
-            raise UnknownModelError(str(name), list(self.models))
-        if version and version != model.card.version:
-            raise UnknownModelError(f"{model.card.name} version {version}", self.versions(model.card.name))
+            raise UnknownVersionError(name, str(version), list(versions))
         return model
 
     def names(self) -> list[str]:
         """The names of the models served, the default first."""
-        return list(self.models)
+        return list(self._view[0])
 
     def versions(self, name: str) -> list[str]:
-        """The versions of `name` this worker serves (UnknownModelError for a name it does not serve)."""
-        return [self.get(name).card.version]
+        """The versions of `name` this worker serves, oldest load first (UnknownModelError for a name it lacks)."""
+        models = self._view[0]
+        if name not in models:
+            raise UnknownModelError(name, list(models))
+        return list(models[name])
 
     def default_version(self, name: str) -> str:
         return self.get(name).card.version
 
     def ready(self, name: str, version: str | None = None) -> bool:
-        """Whether `name` (at `version`) is served by every worker of this server."""
+        """Whether `name` (at `version`; its default without one) is served by every worker of this server."""
         try:
-            self.get(name, version)
-        except UnknownModelError:
+            model = self.get(name, version)
+        except ClientError:
             return False
-        return True
+        return self._everywhere is None or self._everywhere(model.card.name, model.card.version)
 
     def cards(self) -> list[dict[str, Any]]:
-        return [model.card.as_dict() for model in self.models.values()]
+        """Each model's default version's card, the default model first."""
+        models, defaults, _ = self._view
+        return [versions[defaults[name]].card.as_dict() for name, versions in models.items()]
 
 
 def _decode(value: str) -> Any:
