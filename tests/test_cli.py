@@ -54,3 +54,12 @@ def test_evaluating_an_onnx_file_needs_no_torch() -> None:
     # Calibration and "not a digit" are measured from the file alone too.
     assert "expected calibration error (15 bins)" in result.stdout and "AUROC" in result.stdout
     assert "MNIST test digits wrongly flagged" in result.stdout
+
+
+def test_export_writes_to_a_scratch_folder_unless_told_to_replace() -> None:
+    result = run("export", "--help")
+    assert "default: runs/export/, or exported/ with --replace" in " ".join(result.stdout.split())
+    assert "--replace" in result.stdout and "at least as accurate" in " ".join(result.stdout.split())
+    # exported/ is refused before anything is read (the checkpoint need not even exist).
+    refused = run("export", "nowhere.pt", "--out", "exported")
+    assert refused.returncode == 1 and "holds the shipped models" in refused.stderr and "--replace" in refused.stderr

@@ -1,8 +1,12 @@
-"""Export of a freshly trained tiny model: metadata, verification, ONNX-only evaluation, models.json."""
+"""Export of a freshly trained tiny model: metadata, verification, ONNX-only evaluation, models.json; exported/
+written only with --replace and never by a worse model; int8 variants that keep the probability contract."""
 
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +18,7 @@ import torch
 from training.calibrate import ece, softmax
 from training.data import load_arrays, load_mnist, normalise
 from training.evaluate import evaluate_onnx, load_checkpoint, onnx_outputs
-from training.export import REQUIRED_METADATA, ExportError, export, file_sha256, verify
+from training.export import REQUIRED_METADATA, SHIPPED_DIR, ExportError, export, file_sha256, verify
 from training.models import build
 from training.train import default_recipe, train
 
@@ -130,3 +134,48 @@ def test_models_json_lists_the_file(exported) -> None:
     for key in ("temperature", "test_ece", "test_ece_uncalibrated", "ood_threshold", "uncertain_threshold"):
         assert entry[key] == pytest.approx(float(meta[key])), key
     assert entry["ood_score"] == meta["ood_score"] and entry["ood_held_out"] == json.loads(meta["ood_held_out"])
+
+
+def test_the_shipped_folder_is_written_only_with_replace(exported) -> None:
+    run, _, _ = exported
+    before = {p.name: file_sha256(p) for p in SHIPPED_DIR.iterdir() if p.is_file()}
+    with pytest.raises(ExportError, match="holds the shipped models"):
+        export(run.checkpoint, SHIPPED_DIR, name="mnist-cnn")
+    # The command line's default is the scratch folder, never exported/.
+    result = subprocess.run(
+        [sys.executable, "-m", "training", "export", str(run.checkpoint), "--out", str(SHIPPED_DIR)],
+        capture_output=True, text=True, timeout=300, check=False,
+    )  # fmt: skip
+    assert result.returncode == 1 and "holds the shipped models" in result.stderr, result.stderr
+    assert {p.name: file_sha256(p) for p in SHIPPED_DIR.iterdir() if p.is_file()} == before
+
+
+def test_replace_refuses_a_less_accurate_model(exported, tmp_path: Path) -> None:
+    """A quick run (1 epoch on 5,000 images) does not replace the shipped CNN: a refusal with both figures."""
+    run, report, _ = exported
+    for name in ("mnist-cnn.onnx", "models.json"):
+        shutil.copy(SHIPPED_DIR / name, tmp_path / name)
+    before = {p.name: file_sha256(p) for p in tmp_path.iterdir()}
+    command = [sys.executable, "-m", "training", "export", str(run.checkpoint), "--out", str(tmp_path)]
+    result = subprocess.run(
+        [*command, "--name", "mnist-cnn", "--replace"], capture_output=True, text=True, timeout=600, check=False
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    shipped = json.loads((SHIPPED_DIR / "models.json").read_text())["models"]["mnist-cnn"]["test_accuracy"]
+    assert f"{100 * shipped:.2f}%" in result.stderr and f"{100 * report.onnx_test_accuracy:.2f}%" in result.stderr
+    assert "not replacing" in result.stderr
+    assert {p.name: file_sha256(p) for p in tmp_path.iterdir()} == before
+
+
+def test_replace_takes_a_model_as_accurate_and_int8_keeps_the_contract(exported, tmp_path: Path) -> None:
+    run, report, _ = exported
+    shutil.copy(report.path, tmp_path / report.path.name)
+    again = export(run.checkpoint, tmp_path, name="mnist-test-tiny", int8=True, replace=True)  # same accuracy: taken
+    assert again.onnx_test_accuracy == report.onnx_test_accuracy
+    assert file_sha256(again.path) != file_sha256(report.path)  # rewritten (its export time differs)
+    # Offered or not, the int8 variant's probabilities sum to 1 (its softmax runs in float).
+    assert again.int8["max_probability_sum_error"] <= 1e-6, again.int8
+    if again.int8["kept"]:
+        session = ort.InferenceSession(again.int8["file"], providers=["CPUExecutionProvider"])
+        digits = load_arrays()["t10k-images-idx3-ubyte"][:256, None].astype(np.float32) / 255.0
+        np.testing.assert_allclose(session.run(["probabilities"], {"image": digits})[0].sum(1), 1.0, atol=1e-6)

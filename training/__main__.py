@@ -16,7 +16,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 from training.data import DEFAULT_CACHE, DataError
 
-EXPORT_DIR = Path(__file__).resolve().parent.parent / "exported"
+REPO = Path(__file__).resolve().parent.parent
+SCRATCH_DIR = REPO / "runs" / "export"  # where an export goes unless told: never what the service ships
 
 
 def _data_dir(value: str | None) -> Path | None:
@@ -130,15 +131,21 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from training.export import export
+    from training.export import SHIPPED_DIR, ExportError, export
 
-    report = export(
-        Path(args.checkpoint),
-        Path(args.out),
-        name=args.name,
-        int8=args.int8,
-        data_dir=_data_dir(args.data_dir),
-    )
+    out = Path(args.out) if args.out else SHIPPED_DIR if args.replace else SCRATCH_DIR
+    try:
+        report = export(
+            Path(args.checkpoint),
+            out,
+            name=args.name,
+            int8=args.int8,
+            data_dir=_data_dir(args.data_dir),
+            replace=args.replace,
+        )
+    except ExportError as exc:  # a refused replacement or a failed verification: nothing was written
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     for line in report.summary():
         print(line)
     return 0
@@ -192,7 +199,16 @@ def parser() -> argparse.ArgumentParser:
 
     x = with_data(sub.add_parser("export", help="export a checkpoint to verified ONNX"))
     x.add_argument("checkpoint")
-    x.add_argument("--out", default=str(EXPORT_DIR), help=f"output directory (default: {EXPORT_DIR})")
+    x.add_argument(
+        "--out",
+        help=f"output directory (default: {SCRATCH_DIR.relative_to(REPO)}/, or exported/ with --replace)",
+    )
+    x.add_argument(
+        "--replace",
+        action="store_true",
+        help="write into exported/ (what the service ships), replacing a model of the same name only if this one "
+        "is at least as accurate on the test set",
+    )
     x.add_argument("--name", help="model name, e.g. mnist-cnn (default: mnist-<arch>)")
     x.add_argument("--int8", action="store_true", help="also write a statically quantised CPU variant if it pays")
     x.set_defaults(fn=cmd_export)

@@ -34,6 +34,8 @@ from training.outliers import held_out_outliers
 
 log = logging.getLogger(__name__)
 
+# What the service and the image serve (MNIST_EXPORTED_DIR's default): written only by `export --replace`.
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "exported"
 OPSET = 18
 INPUT_NAME = "image"
 OUTPUT_NAMES = ("probabilities", "logits")
@@ -230,14 +232,33 @@ def measure_quality(
     }
 
 
+def shipped_accuracy(path: Path) -> float | None:
+    """The test accuracy recorded in the metadata of the model file at ``path``, or None if there is none."""
+    if not path.is_file():
+        return None
+    meta = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return float(meta["test_accuracy"]) if "test_accuracy" in meta else None
+
+
 def export(
     checkpoint_path: Path,
     out_dir: Path,
     name: str | None = None,
     int8: bool = False,
     data_dir: Path | None = None,
+    replace: bool = False,
 ) -> ExportReport:
-    """Export, verify, write metadata, and record the file in ``out_dir/models.json``."""
+    """Export, verify, write metadata, and record the file in ``out_dir/models.json``.
+
+    The shipped folder (``SHIPPED_DIR``, what the service and the image serve) is written only with ``replace``;
+    with ``replace``, a model of the same name already in ``out_dir`` is replaced only by one at least as accurate
+    on the test set (else ExportError naming both figures, and nothing is written).
+    """
+    if out_dir.resolve() == SHIPPED_DIR.resolve() and not replace:
+        raise ExportError(
+            f"{out_dir} holds the shipped models: export elsewhere (--out), or pass --replace to replace one "
+            "(only by a model at least as accurate)"
+        )
     model, checkpoint = load_checkpoint(checkpoint_path)
     if "calibration" not in checkpoint:  # a run from before calibration: fit it now, on its validation split
         from training.data import load_mnist
@@ -261,6 +282,11 @@ def export(
         parameters = count_parameters(model)
         session = ort.InferenceSession(str(scratch), providers=["CPUExecutionProvider"])
         quality = measure_quality(session, images, labels, temperature, checkpoint["calibration"])
+        if replace and (old := shipped_accuracy(path)) is not None and round(onnx_acc, 4) < old:
+            raise ExportError(
+                f"not replacing {path}: its test accuracy is {100 * old:.2f}%, this export's {100 * onnx_acc:.2f}% "
+                f"(10,000 test images); {out_dir} is unchanged"
+            )
         proto = onnx.load(str(scratch))
         proto.doc_string = f"MNIST digit classifier {name} ({checkpoint['arch']}), run {checkpoint['run_id']}"
         onnx.helper.set_model_props(proto, _metadata(checkpoint, name, parameters, onnx_acc, quality))
@@ -306,7 +332,8 @@ def _record(out_dir: Path, report: ExportReport, checkpoint: dict, checkpoint_pa
             "recipe": checkpoint["recipe"],
             "train_command": checkpoint.get("command", ""),
             "export_command": f"python -m training export {checkpoint_path} --out {out_dir} --name {name}"
-            + (" --int8" if rep is None or report.int8 else ""),
+            + (" --int8" if rep is None or report.int8 else "")
+            + (" --replace" if out_dir.resolve() == SHIPPED_DIR.resolve() else ""),
             "exported_at": meta["exported_at"],
         }
     index_path.write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
