@@ -1,10 +1,10 @@
-"""The service image really runs: `bentoml build` + `bentoml containerize` (Podman), then one container
-started, asked for real MNIST digits at the port and paths Kubernetes would use, and stopped.
+"""The service image really runs: built by scripts/container.sh, what `make container` runs, then one container
+started as the README shows it (`CONTAINERS_CONF=deploy/containers.conf podman run ...`), asked for real MNIST
+digits at the port and paths Kubernetes would use, and stopped.
 
-CI machines have Podman but no Docker engine and no image registry, so the Debian base comes from
-deploy/local-base.sh (debootstrap, cached under .cache/container) and this test alone points the bento's
-`docker.base_image` at it; every other build setting is bentofile.yaml's. Needs root, podman, runc and
-debootstrap (`make sysdeps`). Podman runs with deploy/containers.conf (runc, no forced ulimits).
+CI machines have Podman but no Docker engine and no image registry, so the script takes the Debian base from
+deploy/local-base.sh (debootstrap, cached under .cache/container) and points the bento's `docker.base_image` at it;
+every other build setting is bentofile.yaml's. Needs root, podman, runc and debootstrap (`make sysdeps`).
 """
 
 from __future__ import annotations
@@ -77,28 +77,12 @@ def podman_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def image(podman_env: dict[str, str], tmp_path_factory: pytest.TempPathFactory) -> str:
+def image(podman_env: dict[str, str]) -> str:
     started = time.monotonic()
-    base_image = run(["bash", "deploy/local-base.sh"], podman_env, timeout=600).split()[-1]
-    base_done = time.monotonic()
-
-    config = yaml.safe_load((REPO / "bentofile.yaml").read_text())
-    config.setdefault("docker", {})["base_image"] = base_image
-    bentofile = tmp_path_factory.mktemp("bentofile") / "bentofile.yaml"
-    bentofile.write_text(yaml.safe_dump(config, sort_keys=False))
-
-    bentoml = [sys.executable, "-m", "bentoml"]
-    out = run([*bentoml, "build", "-f", str(bentofile), "-o", "tag", str(REPO)], podman_env, timeout=300)
-    tag = next(line.split("__tag__:", 1)[1] for line in out.splitlines() if line.startswith("__tag__:"))
-    # The build's RUN steps need the host's network namespace on machines like CI.
-    run(
-        [*bentoml, "containerize", tag, "--backend", "podman", "-t", IMAGE, "--opt", "network=host"],
-        podman_env,
-        timeout=600,
-    )
-    print(  # shown with -s or on failure: the numbers docs/ records
-        f"\nbase image {base_done - started:.0f} s, bento + image build {time.monotonic() - base_done:.0f} s"
-    )
+    env = {**podman_env, "IMAGE": IMAGE, "BACKEND": "podman", "VENV_BIN": str(Path(sys.executable).parent)}
+    out = run(["bash", "scripts/container.sh"], env, timeout=900)
+    assert f"built {IMAGE}" in out and "podman run --rm -p 3000:3000" in out, out[-2000:]
+    print(f"\nbase image, bento and image build: {time.monotonic() - started:.0f} s")  # shown with -s
     return IMAGE
 
 
