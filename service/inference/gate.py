@@ -59,7 +59,10 @@ def verify(model: Model, digits: Digits, margin: float, name: str | None = None)
         raise GateError(f"the file says it is model {card.name!r} (metadata model_name), not {name!r}")
     if card.test_accuracy is None or not 0.0 < card.test_accuracy <= 1.0:
         raise GateError("its metadata states no test_accuracy in (0, 1], so there is no claim to verify it against")
-    probabilities = model.predict(digits.pixels)
+    try:
+        probabilities = model.predict(digits.pixels)
+    except Exception as exc:  # a graph ONNX Runtime loads but cannot run on a batch (ONNX Runtime's errors)
+        raise GateError(f"it could not run on the verification digits: {exc}") from exc
     if probabilities.shape != (len(digits.labels), len(card.labels)):
         raise GateError(f"it answered shape {list(probabilities.shape)} for {len(digits.labels)} digits")
     sums = probabilities.sum(axis=1, dtype=np.float64)

@@ -234,7 +234,12 @@ def read_card(session: ort.InferenceSession, path: Path) -> ModelCard:
 def load_model(path: Path, device: str = "auto", intra_op_threads: int = 1) -> Model:
     if not path.is_file():
         raise ModelError(f"no model file at {path}; train and export it first (`make train export`)")
-    session = create_session(path, device, intra_op_threads)
+    try:
+        session = create_session(path, device, intra_op_threads)
+    except ModelError:
+        raise
+    except Exception as exc:  # ONNX Runtime's own errors (InvalidProtobuf, InvalidGraph, Fail...) share no base
+        raise ModelError(f"{path} is not a model ONNX Runtime can load: {exc}") from exc
     card = read_card(session, path)
     log.info("loaded %s %s from %s on %s", card.name, card.version, path, card.provider)
     return Model(session, card)
