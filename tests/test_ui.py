@@ -388,6 +388,10 @@ def test_model_picker_lists_loaded_models_and_sends_the_choice(
     with page.expect_response(lambda r: r.url.endswith("/predict")):
         picker.select_option(other)
     expect(page.locator("#model-line")).to_contain_text(other)
+    # ...and names the version that answered (the model repository may serve several).
+    expect(page.locator("#model-line")).to_contain_text(
+        next(m["version"] for m in card["models"] if m["name"] == other)
+    )
     _expect_prediction(page, 7)
     assert f'name="model"\r\n\r\n{other}'.encode() in posted[-1]
 
