@@ -1,4 +1,4 @@
-"""service/settings.py: environment variables in, one frozen settings object out; its defaults are the README's."""
+"""service/settings.py: environment variables in, one frozen settings object out; its defaults are docs/api.md's."""
 
 from __future__ import annotations
 
@@ -12,15 +12,15 @@ import pytest
 
 from service.settings import REPO_ROOT, Settings
 
-README = REPO_ROOT / "README.md"
-# Defaults the README gives in words rather than as a value.
+REFERENCE = REPO_ROOT / "docs" / "api.md"  # the HTTP API reference, "Settings"
+# Defaults the reference gives in words rather than as a value.
 IN_WORDS = {"CPU cores available": len(os.sched_getaffinity(0)), "empty (no CORS)": ()}
 
 
 def readme_settings() -> dict[str, str]:
-    """{variable: its default cell} from the README's settings table (rows "| `MNIST_...` | default | meaning |")."""
-    text = README.read_text()
-    table = text[text.index("**Settings**") :]
+    """{variable: its default cell} from docs/api.md's settings table (rows "| `MNIST_...` | default | meaning |")."""
+    text = REFERENCE.read_text()
+    table = text[text.index("## Settings") :]
     rows = {}
     for line in table[table.index("| variable |") :].splitlines()[2:]:
         if not line.startswith("|"):
@@ -37,7 +37,7 @@ def field_of(variable: str) -> str:
 
 
 def documented_default(variable: str, cell: str) -> Any:
-    """The default a README cell gives, read as the service reads the variable: "`2`", "`10485760` (10 MiB)"."""
+    """The default a docs/api.md cell gives, read as the service reads the variable: "`2`", "`10485760` (10 MiB)"."""
     if cell in IN_WORDS:
         return IN_WORDS[cell]
     found = re.fullmatch(r"`([^`]*)`(?: \((.*)\))?", cell)
@@ -67,7 +67,7 @@ def test_defaults() -> None:
     settings = Settings.from_env({})
     assert settings.models == ("mnist-cnn",) and settings.default_model == "mnist-cnn"
     assert settings.device == "auto"
-    assert settings.workers == len(os.sched_getaffinity(0))  # "CPU cores available" (README), whatever nproc says
+    assert settings.workers == len(os.sched_getaffinity(0))  # "CPU cores available" (docs/api.md), whatever nproc says
     assert settings.max_bytes == 10 * 1024 * 1024 and settings.max_batch == 256
     assert settings.max_pixels <= settings.max_request_pixels <= settings.max_inflight_pixels
     assert settings.body_timeout_s < settings.request_timeout_s
