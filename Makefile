@@ -74,7 +74,7 @@ export: $(STAMP)-dev  ## export the newest run of each model into runs/export/; 
 	for m in $(MODELS); do \
 	  ckpt=$$(ls -td runs/$$m-2*/ 2>/dev/null | head -1)best.pt; \
 	  test -f "$$ckpt" || { echo "no run of $$m in runs/: make train first"; exit 1; }; \
-	  $(BIN)/python -m training export "$$ckpt" $(if $(REPLACE),--replace,--out $(EXPORT_DIR)) || exit 1; \
+	  $(BIN)/python -m training export "$$ckpt" --int8 $(if $(REPLACE),--replace,--out $(EXPORT_DIR)) || exit 1; \
 	done
 
 evaluate: $(STAMP)-dev  ## test accuracy of the shipped ONNX files with ONNX Runtime
