@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
@@ -45,7 +46,8 @@ def handler_name(api_name: str) -> str:
 
 class FastPath:
     """ASGI middleware: `POST` to a path in `routes` ({path: API method name}) goes to the current service
-    instance's handler for it; everything else to `app`."""
+    instance's handler for it, and to a path that one of `patterns` matches whole, to that pattern's handler (the
+    Open Inference Protocol's `infer`, whose path names the model); everything else to `app`."""
 
     def __init__(
         self,
@@ -54,11 +56,13 @@ class FastPath:
         timeout_s: float,
         cors_origins: Sequence[str] = (),
         access_log: bool = False,
+        patterns: Sequence[tuple[re.Pattern[str], Handler]] = (),
     ) -> None:
         self.app = app
         self.timeout_s = timeout_s
         self.access_log = access_log
         self.routes = {path: handler_name(name) for path, name in routes.items()}
+        self.patterns = tuple(patterns)
         self.dispatch: ASGIApp = self._dispatch
         if cors_origins:
             self.dispatch = CORSMiddleware(
@@ -67,10 +71,17 @@ class FastPath:
             )  # fmt: skip
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in self.routes:
+        if scope["type"] == "http" and scope["method"] == "POST" and self._handler(scope["path"]) is not None:
             await self.dispatch(scope, receive, send)
         else:
             await self.app(scope, receive, send)
+
+    def _handler(self, path: str) -> str | Handler | None:
+        """The service method's name (an API route) or the handler (a pattern's) for `path`; None: not ours."""
+        name = self.routes.get(path)
+        if name is None:
+            return next((handle for pattern, handle in self.patterns if pattern.fullmatch(path)), None)
+        return name
 
     async def _dispatch(self, scope: Scope, receive: Receive, send: Send) -> None:
         # The request ID (requestid.py) is added here, to the response object, rather than by its middleware: the
@@ -78,7 +89,8 @@ class FastPath:
         start = time.perf_counter()
         rid, token = requestid.begin(scope)
         try:
-            handle: Handler = getattr(get_current_service(), self.routes[scope["path"]])
+            found = self._handler(scope["path"])
+            handle: Handler = getattr(get_current_service(), found) if isinstance(found, str) else found
             try:
                 response = await self._within_deadline(handle, Request(scope, receive, send))
             except Exception:  # a bug of ours: logged, answered as BentoML would, and the worker keeps serving

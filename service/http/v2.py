@@ -108,32 +108,35 @@ class OpenInference:
             return error(exc)
 
     async def model_ready(self, request: Request) -> Response:
-        """200 when the model (its default version, or the one named) is ready on every worker; 503 while it is not
-        (loading), 404 for a model or version this worker does not have."""
+        """200 when the model (its default version, or the one named) is served by every worker; 503 while this worker
+        has it but another not yet (loading), 404 for a model or version this worker does not have."""
         name, version = request.path_params["name"], request.path_params.get("version")
         registry = current_registry()
         try:
             if registry.ready(name, version):
                 return answer({"name": name, "ready": True})
-            if version and version not in registry.versions(name):  # UnknownModelError (404) for an unknown name
-                registry.get(name, version)
+            model = registry.get(name, version)  # 404 for a model or version unknown here
         except ClientError as exc:
             return error(exc)
-        return answer({"name": name, "ready": False, "error": f"model {name!r} is not ready yet"}, 503)
+        not_yet = f"model {name!r} version {model.card.version!r} is not served by every worker yet"
+        return answer({"name": name, "ready": False, "error": not_yet}, 503)
 
     async def infer(self, request: Request) -> Response:
         """POST /v2/models/{name}[/versions/{version}]/infer; for the fast path too (it has no path_params)."""
         try:
-            match = INFER_PATH.fullmatch(request.url.path)
-            if match is None:
-                raise RequestError(404, f"no such route: {request.url.path}")
+            name, version = request.path_params.get("name"), request.path_params.get("version")
+            if name is None:  # the fast path: no router ran
+                match = INFER_PATH.fullmatch(request.scope["path"])
+                if match is None:
+                    raise RequestError(404, f"no such route: {request.scope['path']}")
+                name, version = match["name"], match["version"]
             settings = self.settings
             if request.headers.get("content-encoding", "identity").lower() != "identity":
                 raise RequestError(415, "compressed request bodies are not accepted: send it without Content-Encoding")
             async with _receiving(settings.body_timeout_s):
                 body = await read_body(request, settings.max_bytes)
             service = get_current_service()
-            model = service.registry.get(match["name"], match["version"])
+            model = service.registry.get(name, version)
             args = (body, request.headers.get(HEADER_LENGTH), input_specs(model), OUTPUTS, settings.max_batch)
             if len(body) <= INLINE_BYTES:
                 infer_request = parse_request(*args)
@@ -141,10 +144,10 @@ class OpenInference:
                 infer_request = await service._offload(parse_request, *args, request=request)
             data = infer_request.data
             if isinstance(data, np.ndarray):
-                work: tuple[Any, ...] = (answer_pixels, model, match["name"], infer_request)
+                work: tuple[Any, ...] = (answer_pixels, model, name, infer_request)
                 inline, pixels = infer_request.batch == 1, 0  # nothing to decode: the pixels are in memory
             else:
-                work = (answer_files, model, match["name"], infer_request, settings)
+                work = (answer_files, model, name, infer_request, settings)
                 inline = infer_request.batch == 1 and is_small(data[0])
                 pixels = (
                     0
