@@ -33,7 +33,7 @@ from .http.ui import ui_app
 from .http.uploads import read_images, read_json
 from .http.work import Offloader, request_pixels
 from .inference.answers import classify, classify_pixels, is_small, read_number
-from .inference.repository import Repository
+from .inference.repository import Repository, fixed_registry
 from .inference.runtime import ModelError, Registry
 from .settings import Settings
 
@@ -93,12 +93,15 @@ model_app = Starlette(
 )
 class MNIST:
     def __init__(self) -> None:
-        # A serving worker follows the model repository, whose versions change live (inference/repository.py); a
-        # script or test that makes the class itself gets MNIST_MODELS' files, fixed.
+        # With management on (MNIST_ADMIN_TOKEN), a serving worker follows the model repository, whose versions change
+        # live; without it, the shipped models are fixed, each through the gate (inference/repository.py). A script
+        # or test that makes the class itself gets MNIST_MODELS' files as they are.
         self.repository: Repository | None = None
         try:
             if bentoml.server_context.worker_index is None:
                 self.registry = Registry.load(SETTINGS)
+            elif not SETTINGS.admin_token:
+                self.registry = fixed_registry(SETTINGS)
             else:
                 self.repository = Repository(SETTINGS, bentoml.server_context.worker_index)
                 self.repository.start()
@@ -257,7 +260,7 @@ API_ROUTES = api_routes(MNIST.apis)  # {route: API method name}
 if SETTINGS.fast_path:
     MNIST.add_asgi_middleware(
         FastPath, routes=API_ROUTES, timeout_s=SETTINGS.request_timeout_s, cors_origins=SETTINGS.cors_origins,
-        access_log=SETTINGS.access_log,
+        access_log=SETTINGS.access_log, patterns=[(v2.INFER_PATH, OPEN_INFERENCE.infer)],
     )  # fmt: skip
 MNIST.add_asgi_middleware(RequestIds, access_log=SETTINGS.access_log)
 MNIST.add_asgi_middleware(web.RelativeRedirects)  # Location without the client's Host (web.py)
@@ -266,5 +269,5 @@ if not SETTINGS.tracing:
     # excluded URLs skip it after one regex search. MNIST_TRACING=1 traces the API routes too.
     MNIST.config["tracing"] = {
         **MNIST.config.get("tracing", {}),
-        "excluded_urls": [re.escape(route) + r"(\?|$)" for route in API_ROUTES],
+        "excluded_urls": [re.escape(route) + r"(\?|$)" for route in API_ROUTES] + [v2.INFER_PATH.pattern + r"(\?|$)"],
     }

@@ -12,7 +12,7 @@ import onnx
 import pytest
 
 from service.inference.gate import Digits, GateError, verify
-from service.inference.repository import Repository, RepositoryError
+from service.inference.repository import Repository, RepositoryError, fixed_registry
 from service.inference.runtime import ModelError, UnknownModelError, UnknownVersionError, load_model
 from service.settings import Settings
 from tests.conftest import EXPORTED
@@ -241,6 +241,20 @@ def test_a_shipped_model_that_fails_the_gate_stops_the_start(settings: Settings,
     broken = replace(settings, models=("mnist-cnn",), exported_dir=exported)
     with pytest.raises(ModelError, match="fails the verification gate"):
         Repository(broken, 1, run=RUN).start()
+
+
+def test_without_management_the_shipped_models_are_gated_and_fixed(settings: Settings, files: dict[str, Path]) -> None:
+    registry = fixed_registry(settings)
+    assert registry.names() == ["mnist-cnn", "mnist-mlp"] and registry.ready("mnist-cnn")
+    assert not settings.model_repository.exists()  # nothing written: a read-only file system will do
+    exported = files["permuted"].parent / "fixed"
+    exported.mkdir(exist_ok=True)
+    (exported / "mnist-cnn.onnx").write_bytes(files["permuted"].read_bytes())
+    with pytest.raises(ModelError, match="no verification digits"):
+        fixed_registry(replace(settings, models=("mnist-cnn",), exported_dir=exported))
+    (exported / "verification-digits.npz").write_bytes((EXPORTED / "verification-digits.npz").read_bytes())
+    with pytest.raises(ModelError, match="fails the verification gate"):
+        fixed_registry(replace(settings, models=("mnist-cnn",), exported_dir=exported))
 
 
 def test_a_file_changed_behind_the_repository_is_not_served(

@@ -22,6 +22,9 @@ only when every worker serves it.
 The state lasts as long as the `bentoml serve` that made it: a new server starts from MNIST_MODELS (the shipped
 files, each through the gate again), like Triton's explicit model control, so what runs after a restart is what
 the configuration says. Files loaded earlier stay in the folder and can be loaded again by version.
+
+Without MNIST_ADMIN_TOKEN nothing can change: each worker serves the shipped models, each through the gate
+(`fixed_registry`), and no folder is used (so the default deployment runs on a read-only root file system).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import hashlib
 import json
 import logging
@@ -37,7 +41,7 @@ import re
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -111,6 +115,33 @@ def check_name(kind: str, value: str) -> str:
     return value
 
 
+def verification_digits(settings: Settings) -> Digits:
+    path = settings.verification_digits
+    if not path.is_file():
+        raise ModelError(f"no verification digits at {path}; `python -m training.sample` writes them")
+    return Digits.load(path)
+
+
+def shipped(settings: Settings, name: str, digits: Callable[[], Digits]) -> tuple[Model, Verdict]:
+    """The shipped model `name` through the gate; ModelError if it fails: the operator's to fix."""
+    path = settings.model_path(name)
+    model = load_model(path, settings.device, settings.intra_op_threads)
+    try:
+        verdict = verify(model, digits(), settings.gate_margin, name)
+    except GateError as exc:
+        raise ModelError(f"{path} fails the verification gate: {exc}") from exc
+    log.info("%s %s passed the gate (%s)", name, model.card.version, _verdict_text(verdict))
+    return model, verdict
+
+
+def fixed_registry(settings: Settings) -> Registry:
+    """The models MNIST_MODELS names, each through the gate, for a server with no management (no MNIST_ADMIN_TOKEN):
+    nothing can change, so nothing is shared and no folder needs to be writable (a read-only root file system)."""
+    digits = functools.cache(lambda: verification_digits(settings))
+    models = {name: shipped(settings, name, digits)[0] for name in settings.models}
+    return Registry.of({name: {model.card.version: model} for name, model in models.items()}, settings.default_model)
+
+
 class Repository:
     """One worker's view of the repository: its registry, kept in step with state.json, and the changes."""
 
@@ -125,7 +156,6 @@ class Repository:
         self._applying = threading.Lock()
         self._stamp: tuple[int, int, int] | None = None
         self._digits: Digits | None = None
-        self._acks: tuple[float, dict[int, dict[str, Any]]] = (0.0, {})
 
     # ---- start-up and following the state ----
 
@@ -174,18 +204,13 @@ class Repository:
         models: dict[str, Any] = {}
         for name in self.settings.models:
             path = self.settings.model_path(name)
-            model = self._load(path)
-            try:
-                verdict = verify(model, self.digits(), self.settings.gate_margin, name)
-            except GateError as exc:
-                raise ModelError(f"{path} fails the verification gate: {exc}") from exc
+            model, verdict = shipped(self.settings, name, self.digits)
             version = check_name("version", model.card.version)
             models[name] = {
                 "default": version,
                 "previous": None,
                 "versions": {version: self._entry(path, _sha256(path.read_bytes()), 1, verdict, "shipped")},
             }
-            log.info("model repository: %s %s passed the gate (%s)", name, version, _verdict_text(verdict))
         return {"run": self.run, "generation": 1, "default_model": self.settings.default_model, "models": models}
 
     def _apply(self, state: dict[str, Any]) -> None:
@@ -271,19 +296,15 @@ class Repository:
     def _acknowledge(self, generation: int, errors: dict[str, str]) -> None:
         ack = {"run": self.run, "pid": os.getpid(), "generation": generation, "errors": errors}
         _write_json(self.root / "workers" / f"{self.worker}.json", ack)
-        self._acks = (0.0, {})
 
     def _read_acks(self) -> dict[int, dict[str, Any]]:
-        read_at, acks = self._acks
-        if time.monotonic() - read_at < 0.005:
-            return acks
+        """Every worker's acknowledgement of this server (one small file each: ~20 us to read)."""
         acks = {}
         for path in (self.root / "workers").glob("*.json"):
             with contextlib.suppress(OSError, ValueError):
                 ack = json.loads(path.read_text())
                 if ack.get("run") == self.run:
                     acks[int(path.stem)] = ack
-        self._acks = (time.monotonic(), acks)
         return acks
 
     # ---- changes (blocking: call them in a thread) ----
@@ -428,10 +449,7 @@ class Repository:
 
     def digits(self) -> Digits:
         if self._digits is None:
-            path = self.settings.verification_digits
-            if not path.is_file():
-                raise ModelError(f"no verification digits at {path}; `python -m training.sample` writes them")
-            self._digits = Digits.load(path)
+            self._digits = verification_digits(self.settings)
         return self._digits
 
     def _current(self) -> dict[str, Any]:
