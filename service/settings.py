@@ -71,7 +71,7 @@ class Settings:
     patches: tuple[str, ...] = PATCHES
     # MNIST_MODEL_REPOSITORY: where the versions loaded through the management API are kept (<name>/<version>/
     # model.onnx) and the state every worker follows (inference/repository.py); must be writable.
-    model_repository: Path = field(default_factory=lambda: _bentoml_home(os.environ) / "mnist-repository")
+    model_repository: Path = field(default_factory=lambda: _bentoml_home({}) / "mnist-repository")
     # MNIST_ADMIN_TOKEN: the bearer token of the management routes (load, unload, set the default version); unset:
     # those routes do not exist. At least 16 characters. Never logged, never in repr().
     admin_token: str = field(default="", repr=False)

@@ -14,7 +14,14 @@ from service.settings import REPO_ROOT, Settings
 
 REFERENCE = REPO_ROOT / "docs" / "api.md"  # the HTTP API reference, "Settings"
 # Defaults the reference gives in words rather than as a value.
-IN_WORDS = {"CPU cores available": len(os.sched_getaffinity(0)), "empty (no CORS)": ()}
+IN_WORDS = {
+    "CPU cores available": len(os.sched_getaffinity(0)),
+    "empty (no CORS)": (),
+    "empty (no management)": "",
+    "`mnist-repository` in BentoML's home (`$BENTOML_HOME`, else `~/bentoml`)": Path.home()
+    / "bentoml"
+    / "mnist-repository",
+}
 
 
 def readme_settings() -> dict[str, str]:
@@ -74,6 +81,9 @@ def test_defaults() -> None:
     assert settings.cors_origins == ()  # CORS is off unless origins are named
     assert (settings.fast_path, settings.access_log, settings.tracing) == (True, False, False)
     assert settings.model_path("mnist-cnn").parts[-2:] == ("exported", "mnist-cnn.onnx")
+    assert settings.admin_token == ""  # management off
+    # The repository follows BentoML's home (each test server has its own), unless named.
+    assert Settings.from_env({"BENTOML_HOME": "/srv/b"}).model_repository == Path("/srv/b/mnist-repository")
 
 
 def test_values_from_the_environment() -> None:
@@ -99,6 +109,9 @@ def test_values_from_the_environment() -> None:
         "MNIST_MAX_DIGITS": "5",
         "MNIST_SHUTDOWN_TIMEOUT_S": "3.5",
         "MNIST_PATCHES": "drain, accept",
+        "MNIST_ADMIN_TOKEN": " s3cret-token-of-20-chars ",
+        "MNIST_MODEL_REPOSITORY": "/var/lib/mnist",
+        "MNIST_GATE_MARGIN": "0.05",
     }
     assert set(env) == set(readme_settings()), "every documented variable, each set to a value of its own"
     settings = Settings.from_env(env)
@@ -115,12 +128,16 @@ def test_values_from_the_environment() -> None:
     assert settings.cors_origins == ("https://a.example", "https://b.example")
     assert (settings.fast_path, settings.access_log, settings.tracing) == (False, True, True)
     assert (settings.max_digits, settings.shutdown_timeout_s, settings.patches) == (5, 3.5, ("drain", "accept"))
+    assert (settings.admin_token, settings.model_repository) == ("s3cret-token-of-20-chars", Path("/var/lib/mnist"))
+    assert settings.gate_margin == 0.05 and "s3cret" not in repr(settings)  # a secret stays out of logs and tracebacks
 
 
 @pytest.mark.parametrize(
     ("env", "message"),
     [
         ({"MNIST_DEVICE": "tpu"}, "MNIST_DEVICE='tpu' is not one of auto, cuda, cpu"),
+        ({"MNIST_ADMIN_TOKEN": "short"}, "MNIST_ADMIN_TOKEN must be at least 16 printable ASCII characters .it has 5."),
+        ({"MNIST_GATE_MARGIN": "2"}, "MNIST_GATE_MARGIN=2 must be a fraction between 0 and 1"),
         ({"MNIST_WORKERS": "two"}, "MNIST_WORKERS='two' is not an integer"),
         ({"MNIST_MAX_BATCH": "0"}, "MNIST_MAX_BATCH=0 must be at least 1"),
         ({"MNIST_MODELS": " , "}, "MNIST_MODELS is empty"),
