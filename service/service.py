@@ -60,8 +60,10 @@ CORS = {
 
 
 async def model_cards(_: Request) -> JSONResponse:
+    """The default model, each model's default version's card, and every version each model serves."""
     registry: Registry = bentoml.get_current_service().registry
-    return JSONResponse({"default": registry.default, "models": registry.cards()})
+    versions = {name: registry.versions(name) for name in registry.names()}
+    return JSONResponse({"default": registry.default, "models": registry.cards(), "versions": versions})
 
 
 # BentoML APIs answer POST only; GET /model is a one-route app, matched only for that path.

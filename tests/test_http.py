@@ -182,6 +182,7 @@ def test_model_card(server: Server, cnn_path: Path) -> None:
     meta = dict(ort.InferenceSession(str(cnn_path)).get_modelmeta().custom_metadata_map)
     cnn = cards["mnist-cnn"]
     assert cnn["version"] == meta["version"]
+    assert body["versions"] == {card["name"]: [card["version"]] for card in body["models"]}  # one each, as shipped
     assert cnn["test_accuracy"] == pytest.approx(float(meta["test_accuracy"]))
     assert cnn["labels"] == [str(d) for d in range(10)]
     assert cnn["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider")
