@@ -5,6 +5,8 @@
 
 Compared, each on a fresh local `bentoml serve` (MNIST_* environment per configuration):
   /ping (the HTTP floor) vs /predict on the same server; CNN vs MLP (same server, `model` field);
+  the Open Inference Protocol's infer (docs/protocol.md) vs /predict on the same server, as tritonclient sends it by
+  default (binary tensors in and out): the same PNG files in its BYTES input, and their pixels as FP32;
   1 vs 2 workers; /predict_batch with 64 MNIST PNGs per request (images/s); 2 workers without the patches of
   server internals, all of them and each in turn (MNIST_PATCHES), to show what each earns.
 And against the obvious alternative (issue 14), both under plain uvicorn with 2 workers (benchmarks/baseline.py):
@@ -27,6 +29,7 @@ before their median. The load average is printed with the results.
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import os
 import platform
@@ -43,8 +46,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import psutil
 import requests
+from PIL import Image
 
 from loadtest.digits import CONTENT_TYPE, Digit, batch_body, calibrate, mnist_test_digits, single_body
 from loadtest.server import LocalServer, ProcessSample
@@ -54,6 +59,10 @@ LUA = HERE / "bodies.lua"
 BENTOML = str(Path(sys.executable).with_name("bentoml"))
 MODELS = "mnist-cnn,mnist-mlp"
 BATCH_IMAGES = 64
+# Open Inference Protocol bodies: each JSON header padded to this length, so that one Inference-Header-Content-Length
+# (wrk sends one header set) fits every body.
+V2_HEADER_BYTES = 256
+V2_PIXEL_INPUT = "image"  # the shipped models' ONNX input name (GET /v2/models/<name> lists it)
 
 
 @dataclass(frozen=True)
@@ -67,6 +76,7 @@ class Workload:
     # the first to wake accepts all of wrk's connections at once (bentoml/BentoML#5426): one worker serves
     # everything. New connections per request let the kernel spread them, at the cost of a TCP handshake.
     close: bool = False
+    v2: str | None = None  # Open Inference Protocol infer with a "png" (BYTES) or "fp32" input (route: its infer)
 
 
 @dataclass(frozen=True)
@@ -86,6 +96,9 @@ def configs(connections: int, batch_connections: int, before: Path | None = None
     cnn = Workload("predict cnn", "/predict", "mnist-cnn", connections)
     cnn_close = Workload("predict cnn, conn: close", "/predict", "mnist-cnn", connections, close=True)
     batch = Workload(f"batch{BATCH_IMAGES} cnn", "/predict_batch", "mnist-cnn", batch_connections, BATCH_IMAGES)
+    v2_infer = "/v2/models/mnist-cnn/infer"
+    v2_png = Workload("v2 infer png cnn", v2_infer, "mnist-cnn", connections, v2="png")
+    v2_fp32 = Workload("v2 infer fp32 cnn", v2_infer, "mnist-cnn", connections, v2="fp32")
     base = {"MNIST_MODELS": MODELS, "MNIST_WORKERS": "1"}
     return [
         ServerConfig(
@@ -102,7 +115,7 @@ def configs(connections: int, batch_connections: int, before: Path | None = None
         ServerConfig(
             "2 workers",
             {**base, "MNIST_WORKERS": "2"},
-            (cnn, cnn_close, Workload("ping", "/ping", None, connections), batch),
+            (cnn, cnn_close, Workload("ping", "/ping", None, connections), batch, v2_png, v2_fp32),
         ),
         # What each patch of a server internal earns (service/http/patches.py): the same server without it.
         *(
@@ -175,20 +188,42 @@ def write_bodies(folder: Path, bodies: list[bytes]) -> Path:
 def bodies_for(workload: Workload, digits: list[Digit]) -> list[bytes]:
     if workload.model is None:
         return [b""]
+    if workload.v2:
+        return [v2_body(d, workload.v2) for d in digits[:200]]
     if workload.images == 1:
         return [single_body(d, workload.model)[0] for d in digits[:200]]
     groups = [digits[i : i + workload.images] for i in range(0, len(digits) - workload.images + 1, workload.images)]
     return [batch_body(g, workload.model)[0] for g in groups]
 
 
+def v2_body(digit: Digit, kind: str, binary_output: bool = True) -> bytes:
+    """An Open Inference Protocol infer body for one digit, binary tensors in (the PNG file as BYTES, or its pixels as
+    FP32), outputs binary or JSON; its JSON header is V2_HEADER_BYTES long."""
+    if kind == "png":
+        tensor: dict[str, Any] = {"name": "image_bytes", "datatype": "BYTES", "shape": [1]}
+        data = len(digit.png).to_bytes(4, "little") + digit.png
+    else:
+        tensor = {"name": V2_PIXEL_INPUT, "datatype": "FP32", "shape": [1, 1, 28, 28]}
+        data = (np.asarray(Image.open(io.BytesIO(digit.png)), dtype="<f4") / np.float32(255)).tobytes()
+    tensor["parameters"] = {"binary_data_size": len(data)}
+    header = json.dumps({"inputs": [tensor], "parameters": {"binary_data_output": binary_output}}).encode()
+    return header.ljust(V2_HEADER_BYTES) + data  # JSON allows trailing spaces
+
+
 def run_wrk(
-    url: str, folder: Path, count: int, connections: int, seconds: int, close: bool = False
+    url: str, folder: Path, count: int, connections: int, seconds: int, close: bool = False, v2: bool = False
 ) -> tuple[dict[str, Any], float]:
-    """One wrk run; returns its JSON summary and the CPU it used (% of one core)."""
+    """One wrk run; returns its JSON summary and the CPU it used (% of one core). `v2`: Open Inference Protocol
+    bodies (v2_body)."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    content_type, header = (
+        ("application/octet-stream", f"Inference-Header-Content-Length: {V2_HEADER_BYTES}")
+        if v2
+        else (CONTENT_TYPE, "")
+    )
     command = [
         "wrk", "-t1", f"-c{connections}", f"-d{seconds}s", "--timeout", "10s", "-s", str(LUA), url,
-        "--", str(folder), str(count), CONTENT_TYPE, "close" if close else "keep-alive",
+        "--", str(folder), str(count), content_type, "close" if close else "keep-alive", header,
     ]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -202,10 +237,19 @@ def run_wrk(
     return json.loads(match.group(1)), 100 * cpu / seconds
 
 
-def check_answers(url: str, digits: list[Digit], model: str, count: int = 32) -> int:
-    """Wrong answers among `count` single predictions of calibrated digits (all should be right)."""
+def check_answers(url: str, digits: list[Digit], model: str, count: int = 32, v2: str | None = None) -> int:
+    """Wrong answers among `count` single predictions of calibrated digits (all should be right); `v2`: through the
+    Open Inference Protocol's infer with that input (JSON outputs)."""
     wrong = 0
     for digit in digits[:count]:
+        if v2:
+            answer = requests.post(
+                f"{url}/v2/models/{model}/infer", data=v2_body(digit, v2, binary_output=False), timeout=30,
+                headers={"Inference-Header-Content-Length": str(V2_HEADER_BYTES)},
+            )  # fmt: skip
+            digits_out = [o["data"] for o in answer.json().get("outputs", []) if o["name"] == "digit"]
+            wrong += answer.status_code != 200 or digits_out != [[digit.label]]
+            continue
         body, content_type = single_body(digit, model)
         answer = requests.post(f"{url}/predict", data=body, headers={"Content-Type": content_type}, timeout=30)
         wrong += answer.status_code != 200 or answer.json()["digit"] != digit.label
@@ -226,14 +270,15 @@ def measure(
         bodies = bodies_for(workload, pool)
         folder = write_bodies(Path(tmp), bodies)
         url = server.url + workload.route
-        run_wrk(url, folder, len(bodies), workload.connections, args.warmup, workload.close)  # discarded
+        v2 = workload.v2 is not None
+        run_wrk(url, folder, len(bodies), workload.connections, args.warmup, workload.close, v2)  # discarded
         before, t0 = cpu_by_pid(server.sample()), time.perf_counter()
-        stats, client_cpu = run_wrk(url, folder, len(bodies), workload.connections, args.duration, workload.close)
+        stats, client_cpu = run_wrk(url, folder, len(bodies), workload.connections, args.duration, workload.close, v2)
         wall = time.perf_counter() - t0
         workers = server.workers()
     errors = sum(v for k, v in stats.items() if k.startswith("errors_"))
     rps = stats["requests"] / (stats["duration_us"] / 1e6)
-    wrong = check_answers(server.url, pool, workload.model) if workload.model and config.answers else 0
+    wrong = check_answers(server.url, pool, workload.model, v2=workload.v2) if workload.model and config.answers else 0
     return Measurement(
         config=config.name,
         workload=workload.name,
@@ -338,6 +383,15 @@ def summarise(results: Results) -> tuple[list[dict[str, Any]], dict[str, float]]
             ("2 workers", "predict cnn, conn: close"), (one, "predict cnn, conn: close")
         ),
         "2 workers: predict cnn / ping (req/s)": paired(("2 workers", "predict cnn"), ("2 workers", "ping")),
+        "2 workers: v2 infer png / predict cnn (req/s)": paired(
+            ("2 workers", "v2 infer png cnn"), ("2 workers", "predict cnn")
+        ),
+        "2 workers: v2 infer png / predict cnn (p99)": paired(
+            ("2 workers", "v2 infer png cnn"), ("2 workers", "predict cnn"), "p99_ms"
+        ),
+        "2 workers: v2 infer fp32 / predict cnn (req/s)": paired(
+            ("2 workers", "v2 infer fp32 cnn"), ("2 workers", "predict cnn")
+        ),
         "2 workers / 1 worker, batch (images/s)": paired(
             ("2 workers", f"batch{BATCH_IMAGES} cnn"), (one, f"batch{BATCH_IMAGES} cnn"), "images_per_s"
         ),

@@ -1,8 +1,9 @@
 -- wrk script: POST pre-built request bodies in turn, then print the results as one JSON line.
---   wrk -t1 -c16 -d10s -s benchmarks/bodies.lua URL -- DIR COUNT CONTENT_TYPE [close]
+--   wrk -t1 -c16 -d10s -s benchmarks/bodies.lua URL -- DIR COUNT CONTENT_TYPE [close|keep-alive] ["Name: value"]
 -- DIR holds COUNT files 0000.bin, 0001.bin, ... (multipart bodies built by bench_service.py, or one empty
 -- body for /ping). Requests are formatted once in init(): per request, wrk only picks the next string.
 -- "close" sends Connection: close, so every request opens a new connection (which any worker may accept).
+-- "Name: value" adds one more header to every request (Inference-Header-Content-Length for V2 binary bodies).
 
 local requests = {}
 local next_index = 0
@@ -12,6 +13,10 @@ function init(args)
   local headers = {["Content-Type"] = content_type}
   if args[4] == "close" then
     headers["Connection"] = "close"
+  end
+  local name, value = string.match(args[5] or "", "^([^:]+):%s*(.+)$")
+  if name then
+    headers[name] = value
   end
   for n = 0, count - 1 do
     local file = assert(io.open(string.format("%s/%04d.bin", dir, n), "rb"))
