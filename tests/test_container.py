@@ -38,7 +38,7 @@ BENTO_SRC = "/home/bentoml/bento/src"  # where BentoML's Dockerfile puts the pac
 IMAGE_BUDGET_BYTES = 1_600_000_000
 READY_TIMEOUT_S = 120
 DIGITS = 20  # the first test digits; all ten classes appear among them
-# Configuration reaches the service in the container through the environment (README, "Configuration").
+# Configuration reaches the service in the container through the environment (docs/api.md, "Settings").
 CONTAINER_ENV = {"MNIST_MODELS": "mnist-cnn,mnist-mlp", "MNIST_DEVICE": "auto", "MNIST_THREADS": "2"}
 
 
