@@ -90,6 +90,28 @@ def test_a_version_loaded_over_http_is_served_by_name_then_as_the_default(
     assert gone.status_code == 404 and f"no version {new!r}" in gone.json()["error"]
 
 
+def test_tritonclient_manages_the_repository(managed: Server, tmp_path: Path) -> None:
+    """Triton's own client, as its docs show: load_model with the file's bytes (here a new model: the MLP's weights
+    under another name), the repository index, readiness, unload_model."""
+    import tritonclient.http as httpclient
+    from tritonclient.utils import InferenceServerException
+
+    client = httpclient.InferenceServerClient(managed.url.removeprefix("http://"))
+    headers = {"Authorization": f"Bearer {TOKEN}"}
+    name = "mnist-mlp-copy"
+    data = variant(EXPORTED / "mnist-mlp.onnx", tmp_path / "mlp.onnx", version="mlp-triton", model_name=name)
+    with pytest.raises(InferenceServerException, match="needs `Authorization: Bearer"):
+        client.load_model(name, files={"file:1/model.onnx": data.read_bytes()})
+    client.load_model(name, headers=headers, files={"file:1/model.onnx": data.read_bytes()})
+    row = next(row for row in client.get_model_repository_index(headers=headers) if row["name"] == name)
+    assert (row["version"], row["state"], row["default"]) == ("mlp-triton", "READY", True)
+    assert client.is_model_ready(name) and client.is_model_ready(name, "mlp-triton")
+    client.unload_model(name, headers=headers)  # the whole model: not the default model, so it may go
+    assert not client.is_model_ready(name)
+    with pytest.raises(InferenceServerException, match="is the default model"):
+        client.unload_model(CNN, headers=headers)
+
+
 def test_a_wrong_file_is_refused_and_the_old_version_keeps_serving(
     managed: Server, mnist_digits: list[Digit], tmp_path: Path
 ) -> None:
