@@ -191,6 +191,7 @@ BAD_REQUESTS: list[tuple[str, Any, int, str]] = [
         "base64 strings",
     ),
     ("header length not a number", (b"{}", "ten"), 400, "must be a number of bytes"),
+    ("header length not ASCII digits", (b"{}", "\u00b2"), 400, "must be a number of bytes"),  # '²'.isdigit()
     ("header length beyond the body", (b"{}", 99), 400, "the body has only 2 bytes"),
     (
         "data and binary size both",
@@ -261,6 +262,20 @@ def test_bad_request_names_its_problem(request_: Any, status: int, words: str) -
         parse(*request_) if isinstance(request_, tuple) else parse(request_)
     assert caught.value.status == status
     assert words in str(caught.value)
+
+
+def test_messages_cut_a_clients_long_values_short() -> None:
+    with pytest.raises(RequestError) as caught:
+        parse({"inputs": [{**fp32([1, 1, 28, 28]), "name": "x" * 100_000}]})
+    assert "unknown input 'xxx" in str(caught.value) and len(str(caught.value)) < 200
+
+
+def test_bytes_nested_as_deep_as_json_allows() -> None:
+    data: Any = base64.b64encode(b"image").decode()
+    for _ in range(900):
+        data = [data]
+    request = parse({"inputs": [{"name": BYTES_INPUT, "datatype": "BYTES", "shape": [1], "data": data}]})
+    assert request.data == [b"image"]
 
 
 # A real server ----------------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ import base64
 import binascii
 import json
 import math
+import reprlib
 import struct
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -141,8 +142,10 @@ def _split(body: bytes, header_length: str | None) -> tuple[bytes, memoryview | 
     if header_length is None:
         return body, None
     value = header_length.strip()
-    if not value.isdigit():
-        raise RequestError(400, f"Inference-Header-Content-Length must be a number of bytes, got {header_length!r}")
+    if not (value.isascii() and value.isdigit()):
+        raise RequestError(
+            400, f"Inference-Header-Content-Length must be a number of bytes, got {_short(header_length)}"
+        )
     length = int(value)
     if length > len(body):
         raise RequestError(400, f"Inference-Header-Content-Length is {length}, but the body has only {len(body)} bytes")
@@ -169,10 +172,10 @@ def _read_input(
     name = given.get("name")
     spec = specs.get(name) if isinstance(name, str) else None
     if spec is None:
-        raise RequestError(400, f"unknown input {name!r}: this model's inputs are {names}")
+        raise RequestError(400, f"unknown input {_short(name)}: this model's inputs are {names}")
     datatype = given.get("datatype")
     if datatype != spec.datatype:
-        raise RequestError(400, f"input {name!r} must have datatype {spec.datatype}, got {datatype!r}")
+        raise RequestError(400, f"input {name!r} must have datatype {spec.datatype}, got {_short(datatype)}")
     shape = _shape(given.get("shape"), spec, max_batch)
     parameters = _parameters(given, f"input {name!r}")
     size = parameters.get("binary_data_size")
@@ -185,7 +188,7 @@ def _read_input(
                 400, f"{where} has parameters.binary_data_size, but the request has no Inference-Header-Content-Length"
             )
         if isinstance(size, bool) or not isinstance(size, int) or size < 0:
-            raise RequestError(400, f"{where}: binary_data_size must be a number of bytes, got {size!r}")
+            raise RequestError(400, f"{where}: binary_data_size must be a number of bytes, got {_short(size)}")
         if size != len(binary):
             raise RequestError(
                 400,
@@ -207,7 +210,7 @@ def _read_input(
             raise RequestError(
                 400,
                 f"{where}: BYTES elements in JSON are base64 strings (parameters.content_type 'base64' or none), "
-                f"got content_type {content_type!r}; or send raw bytes as binary data",
+                f"got content_type {_short(content_type)}; or send raw bytes as binary data",
             )
         return spec, shape, _base64_elements(given["data"], shape[0], where)
     return spec, shape, _json_numbers(given["data"], shape, where)
@@ -223,7 +226,7 @@ def _shape(shape: Any, spec: InputSpec, max_batch: int) -> tuple[int, ...]:
         or any(want != -1 and dim != want for dim, want in zip(shape, spec.shape, strict=True))
     ):
         raise RequestError(
-            400, f"input {spec.name!r} must have shape [{expected}] (N from 1 to {max_batch}), got {shape!r}"
+            400, f"input {spec.name!r} must have shape [{expected}] (N from 1 to {max_batch}), got {_short(shape)}"
         )
     if shape[0] == 0:
         raise RequestError(400, f"input {spec.name!r} has shape {shape}: no images")
@@ -295,9 +298,14 @@ def _base64_elements(data: Any, count: int, where: str) -> list[bytes]:
 
 
 def _flat(data: list[Any]) -> Iterator[Any]:
-    for value in data:
-        if isinstance(value, list):
-            yield from _flat(value)
+    """The values of nested lists, in order (without recursion: JSON may nest as deep as its parser allows)."""
+    stack = [iter(data)]
+    while stack:
+        value = next(stack[-1], stack)  # the stack itself: this level is done
+        if value is stack:
+            stack.pop()
+        elif isinstance(value, list):
+            stack.append(iter(value))
         else:
             yield value
 
@@ -316,7 +324,7 @@ def _requested_outputs(
             raise RequestError(400, f"an output must be a JSON object, got {_kind(output)}")
         name = output.get("name")
         if name not in outputs:
-            raise RequestError(400, f"unknown output {name!r}: this model's outputs are {', '.join(outputs)}")
+            raise RequestError(400, f"unknown output {_short(name)}: this model's outputs are {', '.join(outputs)}")
         if name in chosen:
             raise RequestError(400, f"output {name!r} is asked for twice")
         parameters = _parameters(output, f"output {name!r}")
@@ -336,7 +344,7 @@ def _parameters(owner: dict[str, Any], where: str) -> dict[str, Any]:
 def _flag(parameters: dict[str, Any], name: str, where: str, default: bool = False) -> bool:
     value = parameters.get(name, default)
     if not isinstance(value, bool):
-        raise RequestError(400, f"{where}: {name} must be true or false, got {value!r}")
+        raise RequestError(400, f"{where}: {name} must be true or false, got {_short(value)}")
     return value
 
 
@@ -344,6 +352,11 @@ def _to_binary(output: Output) -> bytes:
     if output.datatype == "BYTES":
         return b"".join(_LENGTH.pack(len(raw)) + raw for raw in (value.encode() for value in output.data))
     return np.array(output.data, dtype=NUMPY_TYPES[output.datatype]).tobytes()
+
+
+def _short(value: Any) -> str:
+    """A client's value in a message, cut short: an error names the problem, it does not echo megabytes."""
+    return reprlib.repr(value)
 
 
 def _kind(value: Any) -> str:
