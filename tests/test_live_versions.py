@@ -97,6 +97,7 @@ def test_tritonclient_manages_the_repository(managed: Server, tmp_path: Path) ->
     from tritonclient.utils import InferenceServerException
 
     client = httpclient.InferenceServerClient(managed.url.removeprefix("http://"))
+    assert "model_repository" in client.get_server_metadata()["extensions"]
     headers = {"Authorization": f"Bearer {TOKEN}"}
     name = "mnist-mlp-copy"
     data = variant(EXPORTED / "mnist-mlp.onnx", tmp_path / "mlp.onnx", version="mlp-triton", model_name=name)

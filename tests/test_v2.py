@@ -323,6 +323,7 @@ def test_tritonclient_health_and_metadata(server: Server) -> None:
     assert triton.is_server_live() and triton.is_server_ready()
     metadata = triton.get_server_metadata()
     assert metadata["name"] == "mnist" and "binary_tensor_data" in metadata["extensions"] and metadata["version"]
+    assert "model_repository" not in metadata["extensions"]  # no management token: no management routes
     for name in server.models:
         info = card(server, name)
         for version in ("", info["version"]):

@@ -58,7 +58,9 @@ class OpenInference:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
-        self.server = {"name": SERVER_NAME, "version": server_version(), "extensions": EXTENSIONS}
+        # Triton's model_repository extension (http/admin.py) exists only with a management token.
+        extensions = EXTENSIONS + (["model_repository"] if settings.admin_token else [])
+        self.server = {"name": SERVER_NAME, "version": server_version(), "extensions": extensions}
         model = "/models/{name}"
         version = "/models/{name}/versions/{version}"
         v2 = Starlette(
