@@ -124,7 +124,7 @@ async def per_request_us(app: ASGI, path: str, bodies: list[bytes], content_type
 
 
 # The service as `bentoml serve` builds it, from BentoML's per-request defaults to the way we ship: each row
-# turns one more of them off through the service's own settings (README, "Settings").
+# turns one more of them off through the service's own settings (docs/api.md, "Settings").
 SERVICE_ROWS: list[tuple[str, dict[str, str]]] = [
     ("service, BentoML's defaults: access log, tracing spans, API dispatch",
      {"MNIST_ACCESS_LOG": "1", "MNIST_TRACING": "1", "MNIST_FAST_PATH": "0"}),

@@ -350,7 +350,7 @@ HOLD = 32
 def test_a_request_that_waits_2_s_for_pixels_gets_503_with_retry_after(
     tmp_path: Path, mnist_digits: list[Digit]
 ) -> None:
-    """README, "Errors": a worker already decoding MNIST_MAX_INFLIGHT_PIXELS keeps a request waiting for its turn
+    """docs/api.md, "Errors": a worker already decoding MNIST_MAX_INFLIGHT_PIXELS keeps a request waiting for its turn
     up to 2 s, then answers it 503 with Retry-After: 1. One worker, so both requests meet in it."""
     env = {
         **FAULTS_ENV,
@@ -588,8 +588,8 @@ def test_cors_allows_only_the_listed_origins(faults: LocalServer, mnist_digits: 
     files = {"image": ("d.png", mnist_digits[0].png)}
     answer = requests.post(f"{faults.url}/predict", files=files, headers={"Origin": ALLOWED_ORIGIN}, timeout=TIMEOUT)
     assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == ALLOWED_ORIGIN
-    # README, MNIST_CORS_ORIGINS: GET and POST, with a Content-Type header; on the API routes (the fast path) and on
-    # BentoML's own (GET /model) alike.
+    # docs/api.md, MNIST_CORS_ORIGINS: GET and POST, with a Content-Type header; on the API routes (the fast path)
+    # and on BentoML's own (GET /model) alike.
     for path, method in (("/predict", "POST"), ("/read", "POST"), ("/model", "GET")):
         allowed = preflight(ALLOWED_ORIGIN, path, method, headers="Content-Type")
         assert allowed.status_code == 200, (path, allowed.text)

@@ -1,9 +1,9 @@
 """`bentoml serve` at start-up, for real: what it refuses to serve, and what it serves without.
 
-A bad setting stops it, naming the variable (README, "Settings"); a model without its metadata, or MNIST_DEVICE=cuda
-without CUDA, is never served (README, "Process lifecycle" and "GPU"): the function-level refusals are in
-test_settings.py and test_runtime.py, these check the server a user starts. And where /dev/shm is not writable, the
-workers warn that connections are not balanced and serve all the same (README, "Connections over workers").
+A bad setting stops it, naming the variable (docs/api.md, "Settings"); a model without its metadata, or
+MNIST_DEVICE=cuda without CUDA, is never served (docs/api.md, "Process lifecycle"; deploy/README.md, GPU): the
+function-level refusals are in test_settings.py and test_runtime.py, these check the server a user starts. And where /dev/shm is not writable, the
+workers warn that connections are not balanced and serve all the same (docs/api.md, "Connections over workers").
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ ASGI middleware (installed with `MNIST.add_asgi_middleware`) that sends `POST <a
 the service's handler for it, `handle_<api name>(request)`, the same function the BentoML API method
 calls. Everything outside it is untouched: BentoML's traffic metrics, tracing, access log, timeout and
 error middleware still wrap these requests; health routes, /metrics, /docs.json, the page and any other
-method or path go through BentoML as before. MNIST_FAST_PATH=0 turns it off (README, "Settings").
+method or path go through BentoML as before. MNIST_FAST_PATH=0 turns it off (docs/api.md, "Settings").
 
 BentoML's CORS middleware sits inside user middleware, so with MNIST_CORS_ORIGINS set the fast path
 answers through the same Starlette CORS middleware, with the same options.

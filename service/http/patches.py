@@ -291,7 +291,7 @@ _uvicorn_shutdown = Server.shutdown
 
 def exit_with_parent() -> None:
     """Have the kernel send this process SIGTERM when its parent dies (Linux; elsewhere the supervisor's
-    duty, README "Settings")."""
+    duty, docs/api.md "Settings")."""
     try:
         prctl = ctypes.CDLL(None, use_errno=True).prctl
     except (OSError, AttributeError):

@@ -20,7 +20,7 @@ import numpy as np
 
 from .runtime import Model
 
-# Rows of probabilities sum to 1 within this (float32 softmax); the answers' contract (README, "Answers").
+# Rows of probabilities sum to 1 within this (float32 softmax); the answers' contract (docs/api.md).
 SUM_TOLERANCE = 1e-4
 
 

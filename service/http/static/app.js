@@ -290,7 +290,7 @@
     }
   }
 
-  // The answer's `status` in words (README, "HTTP API"); the digit is shown greyed or crossed out to match.
+  // The answer's `status` in words (docs/api.md); the digit is shown greyed or crossed out to match.
   const VERDICTS = {
     ok: (digit) => `This is a ${digit}.`,
     uncertain: (digit) => `Not sure: maybe a ${digit}.`,
