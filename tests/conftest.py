@@ -140,8 +140,8 @@ def metric(url: str, name: str, **labels: str) -> float:
 
 
 # Slow (docs/development.md, "Tests"): anything that starts a server, trains, exports, drives a browser or a container,
-# or loads a server. Marked in their files; here, the tests of files that are not marked as a whole: every test that uses a
-# `server` fixture (a real `bentoml serve`), and the files that train a model.
+# or loads a server. Marked in their files; here, the tests of files that are not marked as a whole: every test that
+# uses a `server` fixture (a real `bentoml serve`), and the files that train a model.
 SLOW_FIXTURES = ("server",)
 SLOW_FILES = {"test_train.py": "trains models", "test_export.py": "trains and exports a model"}
 

@@ -2,8 +2,9 @@
 
 A bad setting stops it, naming the variable (docs/api.md, "Settings"); a model without its metadata, or
 MNIST_DEVICE=cuda without CUDA, is never served (docs/api.md, "Process lifecycle"; deploy/README.md, GPU): the
-function-level refusals are in test_settings.py and test_runtime.py, these check the server a user starts. And where /dev/shm is not writable, the
-workers warn that connections are not balanced and serve all the same (docs/api.md, "Connections over workers").
+function-level refusals are in test_settings.py and test_runtime.py, these check the server a user starts. And where
+/dev/shm is not writable, the workers warn that connections are not balanced and serve all the same (docs/api.md,
+"Connections over workers").
 """
 
 from __future__ import annotations
