@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.stamp
 
 MODELS ?= cnn mlp cnn-tiny
 
-.PHONY: serve test lint lock format data train export evaluate bento container loadtest bench bench-preprocess bench-read chaos soak container-gpu sysdeps clean help
+.PHONY: serve test lint lock format data train export evaluate bento container loadtest bench bench-versions capacity bench-preprocess bench-read chaos soak container-gpu sysdeps clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -96,6 +96,12 @@ bench: $(STAMP)-dev  ## HTTP benchmark table on this machine (needs wrk: apt-get
 
 chaos: $(STAMP)-dev  ## issue 13 under load: memory in a burst of big decodes, 5,000 connections, keep-alive balance (needs wrk)
 	$(BIN)/python -m benchmarks.chaos
+
+bench-versions: $(STAMP)-dev  ## a model version loaded, made default and unloaded under load: failures (0), time to every worker
+	$(BIN)/python -m benchmarks.live_versions
+
+capacity: $(STAMP)-dev  ## requests per core-second by kind of upload, memory per worker, replicas for 1k/10k/100k req/s
+	$(BIN)/python -m benchmarks.capacity
 
 bench-preprocess: $(STAMP)-dev  ## accuracy on realistic uploads, per family: tutorial pipeline, before, ours
 	$(BIN)/python benchmarks/preprocess_accuracy.py --model exported/mnist-cnn.onnx --per-family 250
