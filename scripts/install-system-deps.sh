@@ -3,7 +3,9 @@
 # debootstrap (container test), wrk (make bench), the DejaVu fonts (training's non-digit images).
 # Skips what is present; needs root (or passwordless sudo) for what is missing.
 set -euo pipefail
-declare -A need=([wrk]=wrk [chromium]=chromium [podman]=podman [runc]=runc [debootstrap]=debootstrap [npm]=npm)
+# kubectl renders deploy/k8s (tests/test_deploy.py); one already on PATH is kept, else Debian's kubernetes-client.
+declare -A need=([wrk]=wrk [chromium]=chromium [podman]=podman [runc]=runc [debootstrap]=debootstrap [npm]=npm
+  [kubectl]=kubernetes-client)
 missing=()
 for bin in "${!need[@]}"; do command -v "$bin" >/dev/null 2>&1 || missing+=("${need[$bin]}"); done
 # The DejaVu faces training/outliers.py renders its non-digit letters with (training and held-out sets).
