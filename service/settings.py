@@ -6,6 +6,8 @@ could not use, so a typo fails at start-up instead of being ignored.
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,8 +20,32 @@ PATCHES = ("accept", "protocol", "drain")
 
 
 def available_cores() -> int:
-    """CPU cores this process may run on (the affinity mask, which containers and taskset narrow)."""
-    return len(os.sched_getaffinity(0))
+    """CPU cores this process may use: the affinity mask (taskset, cpusets), and the CPU limit of its cgroup
+    (Kubernetes' `limits.cpu`, `docker --cpus`), which the mask does not show: a pod limited to 2 CPUs on a 64-core
+    node sees 64 cores, and 64 workers each with its own ONNX Runtime threads would spend its quota being throttled.
+    A fractional limit rounds down (at least 1), as Go's automaxprocs does."""
+    cores = len(os.sched_getaffinity(0))
+    quota = cpu_limit()
+    return cores if quota is None else max(1, min(cores, math.floor(quota)))
+
+
+def cpu_limit(root: Path = Path("/sys/fs/cgroup"), membership: Path = Path("/proc/self/cgroup")) -> float | None:
+    """This process's cgroup CPU limit in cores (quota / period), or None when it has none. cgroup v2: `cpu.max`
+    ("200000 100000", or "max ..." for none) in the process's own cgroup or the root of the mounted hierarchy (a
+    container's); cgroup v1: cpu.cfs_quota_us (-1 for none) over cpu.cfs_period_us."""
+    own = ""
+    with contextlib.suppress(OSError):
+        own = next((line.split(":", 2)[2].strip() for line in membership.read_text().splitlines()
+                    if line.startswith("0::")), "")  # fmt: skip
+    for folder in dict.fromkeys([root / own.lstrip("/"), root]):
+        with contextlib.suppress(OSError, ValueError):
+            quota, period = (folder / "cpu.max").read_text().split()
+            return None if quota == "max" else int(quota) / int(period)
+    with contextlib.suppress(OSError, ValueError):
+        quota_us = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period_us = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+        return None if quota_us <= 0 else quota_us / period_us
+    return None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from service.settings import REPO_ROOT, Settings
+from service.settings import REPO_ROOT, Settings, cpu_limit
 
 REFERENCE = REPO_ROOT / "docs" / "api.md"  # the HTTP API reference, "Settings"
 # Defaults the reference gives in words rather than as a value.
@@ -160,3 +160,25 @@ def test_bad_values_name_the_variable(env: dict[str, str], message: str) -> None
 def test_a_flag_that_is_not_one_names_itself() -> None:
     with pytest.raises(ValueError, match="MNIST_ACCESS_LOG='maybe' must be 1 or 0"):
         Settings.from_env({"MNIST_ACCESS_LOG": "maybe"})
+
+
+@pytest.mark.parametrize(
+    ("files", "membership", "limit"),
+    [
+        ({"cpu.max": "200000 100000\n"}, "0::/\n", 2.0),  # cgroup v2, in a container (its own root)
+        ({"kubepods/pod1/cpu.max": "150000 100000\n", "cpu.max": "max 100000\n"}, "0::/kubepods/pod1\n", 1.5),
+        ({"cpu.max": "max 100000\n"}, "0::/\n", None),  # v2, no limit
+        ({"cpu/cpu.cfs_quota_us": "50000\n", "cpu/cpu.cfs_period_us": "100000\n"}, "4:cpu,cpuacct:/\n", 0.5),  # v1
+        ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, "4:cpu,cpuacct:/\n", None),
+        ({}, "", None),  # no cgroup file system at all
+    ],
+)
+def test_the_cpu_limit_of_the_cgroup_is_read(
+    tmp_path: Path, files: dict[str, str], membership: str, limit: float | None
+) -> None:
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    (tmp_path / "self-cgroup").write_text(membership)
+    assert cpu_limit(tmp_path, tmp_path / "self-cgroup") == limit
+
