@@ -181,4 +181,3 @@ def test_the_cpu_limit_of_the_cgroup_is_read(
         (tmp_path / name).write_text(text)
     (tmp_path / "self-cgroup").write_text(membership)
     assert cpu_limit(tmp_path, tmp_path / "self-cgroup") == limit
-
