@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.stamp
 
 MODELS ?= cnn mlp cnn-tiny
 
-.PHONY: serve test lint lock format data train export evaluate bento container loadtest bench bench-versions capacity bench-preprocess bench-read chaos soak container-gpu k8s-validate sysdeps clean help
+.PHONY: serve test lint lock format data train export evaluate bento container loadtest bench bench-versions capacity bench-preprocess bench-read chaos soak container-gpu k8s-validate rollout sysdeps clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -111,6 +111,9 @@ bench-read: $(STAMP)-dev  ## /read on pages of several digits: whole-string and 
 
 IMAGE     ?= mnist-service:latest
 GPU_IMAGE ?= mnist-service:gpu
+
+rollout: $(STAMP)-dev  ## rolling update of 2 pods behind HAProxy under Locust load: failures, resets, answers per version, ready/drain times (needs haproxy: make sysdeps)
+	$(BIN)/python -m benchmarks.rollout
 
 k8s-validate: $(STAMP)-dev  ## render every deploy/k8s overlay; validate it (Kubernetes 1.30 + 1.37 schemas, KServe CRD) and check it against the service
 	$(BIN)/python -m pytest -q tests/test_deploy.py
