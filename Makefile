@@ -39,7 +39,7 @@ PORT ?= $(or $(BENTOML_PORT),3000)
 serve: $(STAMP)-serving  ## set up and serve the shipped model on http://localhost:3000 (PORT=3001 for another; page at /ui)
 	$(BIN)/bentoml serve --port $(PORT)
 
-sysdeps:  ## system packages the tests use (Chromium, Podman, runc, debootstrap); needs root
+sysdeps:  ## system packages the tests use (Chromium, Podman, runc, debootstrap, HAProxy, kubectl); needs root
 	bash scripts/install-system-deps.sh
 
 lint: $(STAMP)-dev  ## ruff lint and format check
