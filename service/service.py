@@ -1,4 +1,4 @@
-"""The BentoML service: uploaded digits in, probabilities out (API described in README.md, "HTTP API").
+"""The BentoML service: uploaded digits in, probabilities out (API described in docs/api.md).
 
 Thin on purpose; it wires three layers, whose imports point down only:
 - `imaging/`: bytes -> 28x28 pixels (decode, light, lines, glyphs, cuts); pure Pillow and numpy, no HTTP, no model;
@@ -25,7 +25,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from .errors import ClientError
-from .http import admin, patches, requestid, v2, web
+from .http import admin, patches, requestid, siblings, v2, web
 from .http.fastpath import FastPath, api_routes
 from .http.patches import JSONAnswer, MultipartRequest, RawRequest
 from .http.requestid import RequestIds
@@ -120,6 +120,8 @@ class MNIST:
             patches.report(loop)
             if self.repository is not None:
                 self._following = loop.create_task(self.repository.follow())
+            # In a container, a dead sibling worker stops the server, which the orchestrator restarts (siblings.py).
+            self._siblings = siblings.start(loop, SETTINGS.workers, bentoml.server_context.worker_index)
 
     # The API methods, as BentoML sees them (OpenAPI, routes, clients). Each one's work is in its handler,
     # `handle_<name>(request)`, which FastPath (fastpath.py) calls directly for requests over HTTP; the

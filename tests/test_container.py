@@ -1,10 +1,6 @@
-"""The service image really runs: built by scripts/container.sh, what `make container` runs, then one container
-started as the README shows it (`CONTAINERS_CONF=deploy/containers.conf podman run ...`), asked for real MNIST
-digits at the port and paths Kubernetes would use, and stopped.
-
-CI machines have Podman but no Docker engine and no image registry, so the script takes the Debian base from
-deploy/local-base.sh (debootstrap, cached under .cache/container) and points the bento's `docker.base_image` at it;
-every other build setting is bentofile.yaml's. Needs root, podman, runc and debootstrap (`make sysdeps`).
+"""The service image really runs: built by scripts/container.sh, what `make container` runs (once per session:
+container_fixture.py), then one container started as the README shows it (`CONTAINERS_CONF=deploy/containers.conf
+podman run ...`), asked for real MNIST digits at the port and paths Kubernetes would use, and stopped.
 """
 
 from __future__ import annotations
@@ -12,26 +8,23 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import numpy as np
 import pytest
 import requests
 import yaml
+from container_fixture import REPO, run
 from mnist_fixture import candidate_dirs, mnist_test
 from PIL import Image
 
 from loadtest.server import free_port
 
 pytestmark = pytest.mark.slow
+pytest_plugins = ("container_fixture",)  # the session's image and Podman environment
 
-REPO = Path(__file__).resolve().parent.parent
-IMAGE = "localhost/mnist-service:test"
 BENTO_SRC = "/home/bentoml/bento/src"  # where BentoML's Dockerfile puts the packaged files
 # Today's image is ~1.35 GB (onnxruntime-gpu 340 MB, BentoML's build-essential layer ~250 MB); torch or
 # training data sneaking in would push it well past this.
@@ -42,48 +35,12 @@ DIGITS = 20  # the first test digits; all ten classes appear among them
 CONTAINER_ENV = {"MNIST_MODELS": "mnist-cnn,mnist-mlp", "MNIST_DEVICE": "auto", "MNIST_THREADS": "2"}
 
 
-def run(cmd: list[str], env: dict[str, str], timeout: float) -> str:
-    """Run `cmd`; on failure, fail the test with the end of its output (builds are long-winded)."""
-    try:
-        done = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
-    except subprocess.TimeoutExpired as exc:
-        pytest.fail(f"{' '.join(cmd)} did not finish in {timeout} s:\n{str(exc.stdout)[-3000:]}")
-    if done.returncode != 0:
-        pytest.fail(f"{' '.join(cmd)} exited {done.returncode}:\n{(done.stdout + done.stderr)[-5000:]}")
-    return done.stdout
-
-
 def probe_paths() -> dict[str, str]:
-    """{"livenessProbe": path, "readinessProbe": path} from deploy/k8s.yaml's Deployment."""
-    docs = [d for d in yaml.safe_load_all((REPO / "deploy" / "k8s.yaml").read_text()) if d]
+    """{"livenessProbe": path, "readinessProbe": path} from deploy/k8s's base Deployment."""
+    docs = [d for d in yaml.safe_load_all((REPO / "deploy" / "k8s" / "base" / "deployment.yaml").read_text()) if d]
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     return {probe: container[probe]["httpGet"]["path"] for probe in ("livenessProbe", "readinessProbe")}
-
-
-@pytest.fixture(scope="module")
-def podman_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
-    missing = [tool for tool in ("podman", "runc", "debootstrap") if shutil.which(tool) is None]
-    if missing:
-        pytest.fail(f"missing {', '.join(missing)}: run `make sysdeps` (as root)")
-    if os.geteuid() != 0:
-        pytest.fail("the container test needs root (debootstrap and rootful Podman)")
-    return {
-        **os.environ,
-        "CONTAINERS_CONF": str(REPO / "deploy" / "containers.conf"),
-        "BENTOML_HOME": str(tmp_path_factory.mktemp("bentoml-home")),  # keep ~/bentoml untouched
-        "BENTOML_DO_NOT_TRACK": "true",
-    }
-
-
-@pytest.fixture(scope="module")
-def image(podman_env: dict[str, str]) -> str:
-    started = time.monotonic()
-    env = {**podman_env, "IMAGE": IMAGE, "BACKEND": "podman", "VENV_BIN": str(Path(sys.executable).parent)}
-    out = run(["bash", "scripts/container.sh"], env, timeout=900)
-    assert f"built {IMAGE}" in out and "podman run --rm -p 3000:3000" in out, out[-2000:]
-    print(f"\nbase image, bento and image build: {time.monotonic() - started:.0f} s")  # shown with -s
-    return IMAGE
 
 
 @pytest.fixture(scope="module")
