@@ -122,6 +122,11 @@ class MNIST:
                 self._following = loop.create_task(self.repository.follow())
             # In a container, a dead sibling worker stops the server, which the orchestrator restarts (siblings.py).
             self._siblings = siblings.start(loop, SETTINGS.workers, bentoml.server_context.worker_index)
+        if bentoml.server_context.worker_index is not None:
+            # One line per worker once its models are served: how an operator (and the tests) see every worker up,
+            # where /readyz answers from whichever worker is up first.
+            served = "; ".join(f"{name} {self.registry.default_version(name)}" for name in self.registry.names())
+            log.info("worker %d ready: %s", bentoml.server_context.worker_index, served)
 
     # The API methods, as BentoML sees them (OpenAPI, routes, clients). Each one's work is in its handler,
     # `handle_<name>(request)`, which FastPath (fastpath.py) calls directly for requests over HTTP; the

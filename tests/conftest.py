@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -114,7 +115,11 @@ def serve(log: Path, **env_overrides: str) -> Iterator[Server]:
             if time.monotonic() - start > START_TIMEOUT_S:
                 pytest.fail(f"bentoml serve not ready after {START_TIMEOUT_S} s:\n{log.read_text()[-4000:]}")
             try:
-                if requests.get(f"{url}/readyz", timeout=2).status_code == 200:
+                # /readyz answers from whichever worker is up first; the tests want every worker serving (each
+                # logs "worker N ready" once its models are served).
+                if requests.get(f"{url}/readyz", timeout=2).status_code == 200 and workers_ready(log) >= int(
+                    env["MNIST_WORKERS"]
+                ):
                     break
             except requests.RequestException:  # not listening yet, or too busy starting to answer
                 pass
@@ -127,6 +132,11 @@ def serve(log: Path, **env_overrides: str) -> Iterator[Server]:
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
+
+
+def workers_ready(log: Path) -> int:
+    """How many workers of the server writing `log` have logged that they serve their models."""
+    return len(set(re.findall(r"\] worker (\d+) ready: ", log.read_text(errors="replace"))))
 
 
 def metric(url: str, name: str, **labels: str) -> float:
