@@ -205,20 +205,26 @@ def read_digits(image: Image.Image, *, max_digits: int) -> list[list[Reading]]:
     count = sum(len(row) for row in rows)
     if count > max_digits:
         raise ImageError(413, f"found {count} digits; the limit is {max_digits} per image (MNIST_MAX_DIGITS)")
+    return [[_reading(page, glyph, row) for glyph in row] for row in rows]
 
-    def reading(glyph: segment.Glyph, row: list[segment.Glyph]) -> Reading:
-        cuts = segment.touching_cuts(glyph, row) if row else []
-        searched = segment.searched_cuts(glyph, row, cuts) if row else []
-        return Reading(
-            _box(glyph, page.scale),
-            _render(page, glyph),
-            tuple(tuple(reading(p, []) for p in cut) for cut in cuts),
-            tuple(tuple(reading(p, []) for p in cut) for cut in searched),
-            wide=bool(row) and segment.too_wide(glyph, row),
-            several=bool(row) and segment.too_wide(glyph, row, segment.SEVERAL_WIDTH),
-        )
 
-    return [[reading(glyph, row) for glyph in row] for row in rows]
+def _reading(page: _Page, glyph: segment.Glyph, row: list[segment.Glyph]) -> Reading:
+    """One glyph of `row` as a Reading, with its cuts' parts (each read alone: `row` empty).
+
+    A module function, not one nested in read_digits: a nested function that calls itself holds its own closure
+    cell, a reference cycle that kept each /read's page (its ink and smooth arrays, ~50 KB) alive until the cycle
+    collector ran, which the serving worker's raised thresholds (service.tune_garbage_collector) make rare: worker
+    memory grew for as long as /read was called (docs/benchmarks.md, "Soak (memory growth)")."""
+    cuts = segment.touching_cuts(glyph, row) if row else []
+    searched = segment.searched_cuts(glyph, row, cuts) if row else []
+    return Reading(
+        _box(glyph, page.scale),
+        _render(page, glyph),
+        tuple(tuple(_reading(page, p, []) for p in cut) for cut in cuts),
+        tuple(tuple(_reading(page, p, []) for p in cut) for cut in searched),
+        wide=bool(row) and segment.too_wide(glyph, row),
+        several=bool(row) and segment.too_wide(glyph, row, segment.SEVERAL_WIDTH),
+    )
 
 
 def candidates(rows: list[list[Reading]]) -> list[Reading]:
