@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training import outliers
+from training import outliers, shapes
 from training.data import load_arrays
 
 
@@ -99,3 +99,42 @@ def test_touching_pairs_are_two_digits_wide_and_reproducible(pairs: np.ndarray) 
     for image in pairs[:100]:
         cols = np.flatnonzero((image > 0).any(axis=0))
         assert (image[:, cols[0] : cols[-1] + 1] > 0).any(axis=0).all()
+
+
+@pytest.fixture(scope="module")
+def held_out_shapes() -> tuple[np.ndarray, list[str]]:
+    return shapes.drawn_shapes(330, seed=shapes.HELD_OUT_SEED)
+
+
+def test_drawn_shapes_are_in_mnist_format_and_every_family_is_drawn(held_out_shapes) -> None:
+    images, families = held_out_shapes
+    assert images.dtype == np.uint8 and images.shape == (330, 28, 28)
+    assert set(families) == set(shapes.FAMILIES)
+    for image in images:
+        rows, cols = np.flatnonzero(image.any(1)), np.flatnonzero(image.any(0))
+        assert image.max() >= 64 and max(rows[-1] - rows[0], cols[-1] - cols[0]) + 1 <= 21
+    assert images[:, 0, :].mean() < 5 and images[:, :, 0].mean() < 5
+
+
+def test_held_out_shapes_are_not_among_the_training_outliers(held_out_shapes) -> None:
+    """Same hands, other seed: not one held-out drawing is an image outlier exposure trained on."""
+    training = outliers.training_outliers(4000, seed=0)
+    seen = {image.tobytes() for image in training}
+    assert not any(image.tobytes() in seen for image in held_out_shapes[0])
+    # ...and the training set does draw shapes (a quarter of it by the families' weights).
+    weights = {name: weight for name, (_, weight) in outliers.training_families().items()}
+    assert weights["drawn shapes"] / sum(weights.values()) == pytest.approx(4 / 16)
+
+
+def test_drawn_shapes_vary_in_stroke_width() -> None:
+    """From a fine pen to a thick marker: the ink's share of the 28x28 image spans wider than MNIST's digits'."""
+    images, _ = shapes.drawn_shapes(300, seed=5)
+    ink = (images > 64).mean(axis=(1, 2))
+    digits = (load_arrays()["t10k-images-idx3-ubyte"][:1000] > 64).mean(axis=(1, 2))
+    assert np.quantile(ink, 0.1) < np.quantile(digits, 0.1) + 0.01
+    assert np.quantile(ink, 0.9) > np.quantile(digits, 0.9) + 0.05
+
+
+def test_drawn_shapes_can_be_left_out_for_an_ablation() -> None:
+    assert "drawn shapes" not in outliers.training_families(drawn_shapes=False)
+    assert set(outliers.training_families()) - set(outliers.training_families(drawn_shapes=False)) == {"drawn shapes"}

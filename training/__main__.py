@@ -64,6 +64,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         label_smoothing=args.label_smoothing,
         outliers=0 if args.no_outliers else None,
         pairs=args.pairs,
+        low_res=args.low_res,
+        max_rotate=args.max_rotate,
+        max_shift=args.max_shift,
+        max_scale=args.max_scale,
+        max_thickness=args.max_thickness,
+        elastic=args.elastic,
     )
     from training.data import load_mnist
 
@@ -117,6 +123,13 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             f"  touching pairs of test digits ({pairs['count']}): {100 * pairs['flagged']:.1f}% not_a_digit, "
             f"{100 * pairs['not_ok']:.1f}% not ok (uncertain or not_a_digit)"
         )
+        shapes = ood["drawn_shapes"]
+        print(
+            f"  hand-drawn shapes, held out ({shapes['count']}): {100 * shapes['flagged']:.1f}% not_a_digit, "
+            f"{100 * shapes['not_ok']:.1f}% not ok (uncertain or not_a_digit)"
+        )
+        for family, share in shapes["not_ok_by_family"].items():
+            print(f"    {family}: {100 * share:.1f}% not ok")
     if args.reliability:
         if "reliability" not in result:
             raise ValueError(f"{path} has no temperature metadata: nothing to compare")
@@ -178,6 +191,17 @@ def parser() -> argparse.ArgumentParser:
     t.add_argument("--no-augment", action="store_true", help="turn batch augmentation off")
     t.add_argument("--label-smoothing", type=float, help="label smoothing of the digit loss (default: 0)")
     t.add_argument("--no-outliers", action="store_true", help="turn outlier exposure (non-digit images) off")
+    # One flag per augmentation, for ablations (docs/training.md): 0 turns it off.
+    t.add_argument("--max-rotate", type=float, help="degrees (default: the recipe's; 0: off)")
+    t.add_argument("--max-shift", type=float, help="pixels (default: the recipe's; 0: off)")
+    t.add_argument("--max-scale", type=float, help="relative (default: the recipe's; 0: off)")
+    t.add_argument(
+        "--max-thickness", type=float, help="stroke dilation/erosion strength (default: the recipe's; 0: off)"
+    )
+    t.add_argument("--elastic", type=float, help="elastic displacement, pixels (default: the recipe's; 0: off)")
+    t.add_argument(
+        "--low-res", type=float, help="share of images augmented to a low resolution (default: the recipe's; 0: off)"
+    )
     t.add_argument(
         "--pairs", type=int, help="touching digit pairs among the outliers (default: the model's recipe; 0: none)"
     )

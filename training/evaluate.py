@@ -166,4 +166,19 @@ def evaluate_onnx(path: Path, data_dir: Path | None = None, ood: bool = False) -
             "flagged": float(flagged.mean()),
             "not_ok": float((flagged | unsure).mean()),
         }
+        # Hand-drawn shapes (faces, hearts, ticks...; training/shapes.py), another seed than training's: what a
+        # user draws to test the reader. "not ok" is what the user sees as not a confident digit.
+        from training.shapes import held_out_shapes
+
+        shapes, shape_families = held_out_shapes()
+        shape_probabilities, shape_logits = onnx_outputs(session, shapes)
+        flagged = digit_score(shape_logits, kind) < threshold
+        not_ok = flagged | (shape_probabilities.max(axis=1) < float(meta["uncertain_threshold"]))
+        names = np.array(shape_families)
+        result["ood"]["drawn_shapes"] = {
+            "count": len(shapes),
+            "flagged": float(flagged.mean()),
+            "not_ok": float(not_ok.mean()),
+            "not_ok_by_family": {f: float(not_ok[names == f].mean()) for f in dict.fromkeys(shape_families)},
+        }
     return result

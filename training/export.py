@@ -31,6 +31,7 @@ from training.data import MNIST_MEAN, MNIST_STD, load_arrays
 from training.evaluate import load_checkpoint, onnx_outputs, onnx_probabilities, summarise
 from training.models import count_parameters
 from training.outliers import held_out_outliers
+from training.shapes import held_out_shapes
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +154,7 @@ def _metadata(checkpoint: dict, name: str, parameters: int, test_accuracy: float
         "ood_threshold": f"{calibration['ood_threshold']:.6g}",
         "uncertain_threshold": f"{calibration['uncertain_threshold']:.6g}",
         "ood_held_out": json.dumps({k: round(v, 4) for k, v in quality["ood"].items()}),
+        "drawn_shapes_held_out": json.dumps({k: round(v, 4) for k, v in quality["drawn_shapes"].items()}),
         "run_id": checkpoint["run_id"],
         "recipe": json.dumps(recipe),
         "data_sha256": json.dumps(checkpoint.get("data_sha256", {})),
@@ -220,15 +222,24 @@ def verify(
 def measure_quality(
     session: ort.InferenceSession, images: np.ndarray, labels: np.ndarray, temperature: float, calibration: dict
 ) -> dict:
-    """Test ECE before and after the temperature, and the held-out "not a digit" figures, from the graph's outputs."""
+    """Test ECE before and after the temperature, the held-out "not a digit" figures, and the share of held-out
+    drawn shapes a user would not see as a confident digit (not_a_digit or uncertain), from the graph's outputs."""
     probabilities, logits = onnx_outputs(session, images)
     others = onnx_outputs(session, held_out_outliers()[0])[1]
     kind, threshold = calibration["ood_score"], calibration["ood_threshold"]
+    shape_probabilities, shape_logits = onnx_outputs(session, held_out_shapes()[0])
+    flagged = digit_score(shape_logits, kind) < threshold
+    unsure = shape_probabilities.max(axis=1) < calibration["uncertain_threshold"]
     return {
         "temperature": temperature,
         "test_ece": ece(probabilities, labels),
         "test_ece_uncalibrated": ece(softmax(logits * temperature), labels),  # undo the graph's division
         "ood": ood_report(digit_score(logits, kind), digit_score(others, kind), threshold),
+        "drawn_shapes": {
+            "count": len(shape_logits),
+            "flagged": float(flagged.mean()),
+            "not_ok": float((flagged | unsure).mean()),
+        },
     }
 
 
@@ -325,6 +336,11 @@ def _record(out_dir: Path, report: ExportReport, checkpoint: dict, checkpoint_pa
             "ood_threshold": float(meta["ood_threshold"]),
             "uncertain_threshold": float(meta["uncertain_threshold"]),
             "ood_held_out": json.loads(meta["ood_held_out"]),
+            **(
+                {"drawn_shapes_held_out": json.loads(meta["drawn_shapes_held_out"])}
+                if "drawn_shapes_held_out" in meta  # exports from before 2026-12-04 did not measure them
+                else {}
+            ),
             "parameters": int(meta["parameters"]),
             "opset": int(meta["opset"]),
             "architecture": meta["architecture"],

@@ -8,10 +8,13 @@ preprocessing, which is all it ever sees.
 Two disjoint sets, so the evaluation measures generalisation rather than memory:
 
 - ``training_outliers``: letters and symbols rendered in the training faces (DejaVu Sans, Sans Bold, Serif,
-  Serif Bold), polygons, stars, crosses, zigzags, scribbles, hatching, uniform specks and smooth random blobs.
+  Serif Bold), polygons, stars, crosses, zigzags, scribbles, hatching, uniform specks, smooth random blobs, and
+  hand-drawn shapes (training/shapes.py: faces, hearts, arrows, ticks... whose held-out set is another seed's).
 - ``held_out_outliers`` (never seen in training, never used to choose a threshold): the same letters in
   *other* faces (DejaVu Sans Mono and Sans Mono Bold, slanted), smileys, hearts, spirals, arrows, houses,
-  clustered specks, blank pages with a soft shadow, and photo-like gradients.
+  clustered specks, blank pages with a soft shadow, and photo-like gradients. Smileys, hearts and arrows are
+  geometric drawings here (perfect circles and curves), unlike training/shapes.py's hand-drawn ones, but no longer
+  families the model has never seen anything like since those joined the training outliers.
 
 Letters that are drawn like digits in most hands and faces are left out of both sets, because the honest
 answer for them is a digit: O o Q D (0), I l i j (1), Z z (2), S s (5), b G (6), T (7), B (8), g q (9).
@@ -311,10 +314,10 @@ def _generate(families: dict[str, tuple[Callable, float]], count: int, seed: int
     return images, kinds
 
 
-def training_families() -> dict[str, tuple[Callable, float]]:
-    """Name -> (generator, share of the set)."""
+def training_families(drawn_shapes: bool = True) -> dict[str, tuple[Callable, float]]:
+    """Name -> (generator, share of the set); `drawn_shapes=False` leaves the hand-drawn shapes out (ablation)."""
     fonts = _fonts(TRAINING_FACES)
-    return {
+    families = {
         "letters": (_text(LETTERS, fonts, slant=0.15), 3),
         "symbols": (_text(SYMBOLS, fonts, slant=0.15), 1),
         "polygons": (polygon, 1),
@@ -325,7 +328,19 @@ def training_families() -> dict[str, tuple[Callable, float]]:
         "hatching": (hatching, 1),
         "specks": (specks, 1),
         "blobs": (blob, 1),
+        # Faces, circled marks, stars, arrows, ticks, crosses, hearts...: what people draw to test a digit reader.
+        # The held-out shapes of `evaluate --ood` come from the same generator with another seed (training/shapes.py).
+        "drawn shapes": (_drawn_shape, 4),
     }
+    if not drawn_shapes:
+        del families["drawn shapes"]
+    return families
+
+
+def _drawn_shape(rng: np.random.Generator) -> np.ndarray:
+    from training.shapes import random_shape  # shapes.py draws with this module's helpers
+
+    return random_shape(rng)
 
 
 def held_out_families() -> dict[str, tuple[Callable, float]]:
@@ -380,10 +395,10 @@ def touching_pairs(digits: np.ndarray, count: int, seed: int) -> np.ndarray:
     return out
 
 
-def training_outliers(count: int, seed: int) -> np.ndarray:
+def training_outliers(count: int, seed: int, drawn_shapes: bool = True) -> np.ndarray:
     """uint8 [count, 28, 28] non-digits from the training families (outlier exposure; validation uses another
     seed)."""
-    return _generate(training_families(), count, seed)[0]
+    return _generate(training_families(drawn_shapes), count, seed)[0]
 
 
 def held_out_outliers(count: int = 4500, seed: int = 12345) -> tuple[np.ndarray, list[str]]:

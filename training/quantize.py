@@ -105,7 +105,11 @@ def quantize_if_worth_it(fp32_path: Path, arrays: dict[str, np.ndarray], fp32_ac
             meta = {p.key: p.value for p in onnx.load(str(fp32_path)).metadata_props}
             # Same temperature and thresholds as the float model (they are in the graph and metadata); its own
             # calibration error and held-out "not a digit" figures, measured.
-            calibration = {"ood_score": meta["ood_score"], "ood_threshold": float(meta["ood_threshold"])}
+            calibration = {
+                "ood_score": meta["ood_score"],
+                "ood_threshold": float(meta["ood_threshold"]),
+                "uncertain_threshold": float(meta["uncertain_threshold"]),
+            }
             quality = measure_quality(
                 session, arrays["t10k-images-idx3-ubyte"], labels, float(meta["temperature"]), calibration
             )
@@ -115,6 +119,7 @@ def quantize_if_worth_it(fp32_path: Path, arrays: dict[str, np.ndarray], fp32_ac
                 test_ece=f"{quality['test_ece']:.4f}",
                 test_ece_uncalibrated=f"{quality['test_ece_uncalibrated']:.4f}",
                 ood_held_out=json.dumps({k: round(v, 4) for k, v in quality["ood"].items()}),
+                drawn_shapes_held_out=json.dumps({k: round(v, 4) for k, v in quality["drawn_shapes"].items()}),
                 quantization="static int8 (QDQ, per-channel; softmax in float), 512 training images",
             )
             result["test_ece"] = quality["test_ece"]
