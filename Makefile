@@ -9,7 +9,7 @@ STAMP  := $(VENV)/.stamp
 
 MODELS ?= cnn mlp cnn-tiny
 
-.PHONY: serve test lint lock format data train export evaluate bento container loadtest bench bench-versions capacity bench-preprocess bench-read chaos soak container-gpu k8s-validate rollout sysdeps clean help
+.PHONY: serve test lint lock format data train export evaluate bento container loadtest bench bench-versions capacity bench-preprocess ablation bench-read chaos soak container-gpu k8s-validate rollout sysdeps clean help
 
 help:  ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | sed 's/:.*## /\t/' | column -t -s "$$(printf '\t')"
@@ -105,6 +105,9 @@ capacity: $(STAMP)-dev  ## requests per core-second by kind of upload, memory pe
 
 bench-preprocess: $(STAMP)-dev  ## accuracy on realistic uploads, per family: tutorial pipeline, before, ours
 	$(BIN)/python benchmarks/preprocess_accuracy.py --model exported/mnist-cnn.onnx --per-family 250
+
+ablation: $(STAMP)-dev  ## each CNN augmentation and outlier exposure off in turn (6 epochs each): test, uploads, drawn shapes
+	$(BIN)/python -m benchmarks.ablation $(ARGS)
 
 bench-read: $(STAMP)-dev  ## /read on pages of several digits: whole-string and per-digit accuracy
 	$(BIN)/python -m benchmarks.read_accuracy --model exported/mnist-cnn.onnx --pages 200

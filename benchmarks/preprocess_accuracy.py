@@ -6,7 +6,9 @@ MNIST *test* digits are rendered the way people actually send digits, one family
   exports with the ink only in alpha, JPEGs, noisy photos with mild uneven light, a dark-mode canvas, fine pens;
 - the hard ones: 800x600 phone photos with one corner 20-60% darker (a soft falloff or a hard-edged shadow),
   ruled and squared paper with dark lines through the digit, a stray line (margin line, a ruled line, a short
-  stroke away from the digit), thick marker strokes, digits rotated 15 and 30 degrees;
+  stroke away from the digit), thick marker strokes, digits rotated 15 and 30 degrees, and low-resolution scans
+  (the digit reduced to 8x8 pixels with 16 grey levels, as UCI's optdigits and scikit-learn's digits store
+  handwriting, blown up, printed on paper and scanned on a flatbed at low resolution);
 - uploads that must be refused: several digits side by side (422, "use /read") and pages with no digit at all,
   only a shadow or lines (400, "no digit found").
 
@@ -44,7 +46,10 @@ EVERYDAY = ("pen-png", "tinted-jpeg", "canvas-alpha", "photo-jpeg", "textured-pn
 HARD = ("shadow", "ruled", "squared", "stray-line", "thick-marker", "rotate-15", "rotate-30")
 # Families whose right answer is a refusal, and its status.
 REFUSED = {"multi-digit": 422, "no-digit": 400}
-FAMILIES = (*EVERYDAY, *HARD, *REFUSED)
+# Each family's random stream is seeded by its index here, so a family added later goes last: the others keep
+# their uploads, and their figures stay comparable with earlier runs.
+LATER = ("low-res-scan",)
+FAMILIES = (*EVERYDAY, *HARD, *REFUSED, *LATER)
 PEN_COLOURS = ((20.0, 20.0, 20.0), (25.0, 35.0, 120.0), (150.0, 30.0, 30.0))
 
 
@@ -67,6 +72,33 @@ def _marker(digit: np.ndarray, height: int, rng: np.random.Generator) -> np.ndar
     image = Image.fromarray(np.rint(ink * 255).astype(np.uint8)).filter(ImageFilter.MaxFilter(2 * radius + 1))
     # A round nib: blurring rounds the square filter's corners and softens the edge as felt does.
     return np.asarray(image.filter(ImageFilter.GaussianBlur(radius / 3)), dtype=np.float32) / 255
+
+
+def _low_res(digit: np.ndarray, height: int, rng: np.random.Generator) -> np.ndarray:
+    """The digit cut to its box, reduced to 8x8 with 16 grey levels (the digit filling the grid, as optdigits'
+    are), then blown up to `height` px for printing: blocky (nearest) or smoothed by the viewer (bilinear)."""
+    ink = digit.astype(np.float32) / 255
+    rows, cols = np.flatnonzero(ink.max(axis=1) > 0.1), np.flatnonzero(ink.max(axis=0) > 0.1)
+    ink = ink[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1]
+    side = max(ink.shape) + 2
+    square = np.zeros((side, side), np.float32)
+    top, left = (side - ink.shape[0]) // 2, (side - ink.shape[1]) // 2
+    square[top : top + ink.shape[0], left : left + ink.shape[1]] = ink
+    grid = np.asarray(Image.fromarray(square, "F").resize((8, 8), Image.Resampling.BOX), dtype=np.float32)
+    grid = np.round(np.clip(grid / max(float(grid.max()), 1e-6), 0, 1) * 15) / 15
+    blow_up = Image.Resampling.NEAREST if rng.random() < 0.6 else Image.Resampling.BILINEAR
+    return np.asarray(Image.fromarray(grid, "F").resize((height, height), blow_up), dtype=np.float32)
+
+
+def _scan(rgb: np.ndarray, rng: np.random.Generator) -> bytes:
+    """A flatbed scan at low resolution: even light, the optics' blur, 1.5-3x fewer pixels, faint noise."""
+    image = Image.fromarray(np.clip(np.rint(rgb), 0, 255).astype(np.uint8), "RGB")
+    image = image.filter(ImageFilter.GaussianBlur(rng.uniform(0.5, 1.5)))
+    factor = rng.uniform(1.5, 3.0)
+    image = image.resize((round(image.width / factor), round(image.height / factor)), Image.Resampling.BILINEAR)
+    noisy = np.asarray(image, np.float32) + rng.normal(0, rng.uniform(1, 3), (image.height, image.width, 3))
+    image = Image.fromarray(np.clip(np.rint(noisy), 0, 255).astype(np.uint8), "RGB")
+    return _encode(image, "PNG") if rng.random() < 0.5 else _encode(image, "JPEG", quality=int(rng.integers(70, 95)))
 
 
 def _rotated(ink: np.ndarray, degrees: float) -> np.ndarray:
@@ -181,6 +213,9 @@ def render(digit: np.ndarray, family: str, rng: np.random.Generator, pool: np.nd
     if family == "thick-marker":
         ink, _ = _place(_marker(digit, int(rng.integers(60, 200)), rng), rng, (200, 400))
         return _photo(_lay(_paper(ink.shape, rng), ink, pen), rng, jpeg=rng.random() < 0.5)
+    if family == "low-res-scan":
+        printed, _ = _place(_low_res(digit, int(rng.integers(60, 200)), rng), rng, (200, 400))
+        return _scan(_lay(_paper(printed.shape, rng), printed, (30.0, 30.0, 30.0)), rng)
     if family.startswith("rotate-"):
         degrees = float(family.split("-")[1]) * (1 if rng.random() < 0.5 else -1)
         ink, _ = _place(_rotated(_ink(digit, int(rng.integers(60, 200)), rng), degrees), rng, (200, 400))

@@ -10,7 +10,7 @@ import torch
 
 from training.data import load_mnist, normalise
 from training.evaluate import load_checkpoint
-from training.train import default_recipe, pick_device, stop_early, train
+from training.train import default_recipe, low_resolution, pick_device, stop_early, train
 
 
 @pytest.fixture(scope="module")
@@ -114,3 +114,25 @@ def test_early_stopping_waits_for_the_schedules_second_half() -> None:
     # A best in the second half restarts the count.
     assert not stop_early(24, 20, recipe)
     assert stop_early(23, 18, recipe)
+
+
+def _row_centre(images: torch.Tensor) -> torch.Tensor:
+    rows = torch.arange(28, dtype=torch.float32).view(1, 1, 28, 1)
+    return (images * rows).sum(dim=(1, 2, 3)) / images.sum(dim=(1, 2, 3))
+
+
+def test_low_resolution_blocks_a_share_of_the_batch_and_keeps_the_digit() -> None:
+    """The augmentation sees digits through a coarse grid with 16 grey levels: it changes the share asked for,
+    keeps pixels in [0, 1] and each digit where it was, and blows up blocky (<= 16 grey levels) or smooth."""
+    digits = load_mnist(val_size=0, train_subset=256).train_images[:256].unsqueeze(1).float() / 255
+    assert torch.equal(low_resolution(digits, 0.0, torch.Generator().manual_seed(0)), digits)
+    changed, blocky = [], []
+    for seed in range(8):
+        out = low_resolution(digits, 0.5, torch.Generator().manual_seed(seed))
+        assert out.min() >= 0 and out.max() <= 1
+        moved = (out - digits).abs().amax(dim=(1, 2, 3)) > 0
+        changed.append(moved.float().mean().item())
+        assert (_row_centre(out) - _row_centre(digits)).abs().max() < 1.75  # half a cell of the coarsest grid
+        blocky.append(max(torch.unique(image).numel() for image in out[moved]) <= 16)
+    assert 0.35 < sum(changed) / len(changed) < 0.65
+    assert any(blocky) and not all(blocky)  # both blow-ups occur
