@@ -29,11 +29,11 @@ class Figures:
     non_digits_flagged: float  # share of the held-out non-digits answered not_a_digit
 
 
-# The figures recorded when the shipped files were exported (models.json of 2026-12-01/02; README, "Shipped
+# The figures recorded when the shipped files were exported (models.json of 2026-12-01/02/04; README, "Shipped
 # models"), written here as constants: the floors below come from them, so a re-export that measures less fails even
 # when models.json and the file's metadata say so. Raise them with a better model; never lower them to fit one.
 RECORDED = {
-    "mnist-cnn": Figures(accuracy=0.9950, auroc=0.9826, non_digits_flagged=0.7027),
+    "mnist-cnn": Figures(accuracy=0.9958, auroc=0.9994, non_digits_flagged=0.9689),  # 2026-12-04
     "mnist-mlp": Figures(accuracy=0.9867, auroc=0.9950, non_digits_flagged=0.7582),
     "mnist-cnn-tiny": Figures(accuracy=0.9417, auroc=0.9462, non_digits_flagged=0.3242),
 }
@@ -42,6 +42,9 @@ MARGIN = Figures(accuracy=0.002, auroc=0.005, non_digits_flagged=0.03)
 # Accuracy floors set before these margins, kept (never lowered): the CNN's 99.50% of issue 11's retrain (whose goal,
 # 99.7%, is still open), the MLP's 98.5%.
 EARLIER_ACCURACY_FLOORS = {"mnist-cnn": 0.995, "mnist-mlp": 0.985}
+# Issue 27: held-out hand-drawn shapes (training/shapes.py) a user sees as not a confident digit (not_a_digit or
+# uncertain), for the models exported since they were measured (2026-12-04: the CNN; the others predate them).
+MIN_DRAWN_SHAPES_NOT_OK = {"mnist-cnn": 0.9}
 INT8_ACCURACY_LOSS = 0.001  # what an int8 variant may lose against its float model (the exporter's own rule)
 
 
@@ -129,3 +132,20 @@ def test_claimed_calibration_and_not_a_digit_are_measured(name: str) -> None:
     floor = floors(name)
     assert ood["auroc"] >= floor.auroc and ood["non_digits_flagged"] >= floor.non_digits_flagged, ood
     assert ood["digits_flagged"] <= MAX_DIGITS_FLAGGED, ood
+
+
+def test_the_default_model_does_not_read_drawn_shapes_as_digits() -> None:
+    """What models.json claims for the held-out drawn shapes, against issue 27's floor (re-measured below)."""
+    for name, floor in MIN_DRAWN_SHAPES_NOT_OK.items():
+        claimed = INDEX[name]["drawn_shapes_held_out"]
+        assert claimed["not_ok"] >= floor, f"{name}: {claimed}"
+
+
+@pytest.mark.slow
+def test_claimed_drawn_shapes_figures_are_measured() -> None:
+    for name, floor in MIN_DRAWN_SHAPES_NOT_OK.items():
+        measured = evaluate_onnx(EXPORTED / INDEX[name]["file"], ood=True)["ood"]["drawn_shapes"]
+        claimed = INDEX[name]["drawn_shapes_held_out"]
+        assert measured["not_ok"] == pytest.approx(claimed["not_ok"], abs=1e-4)
+        assert measured["flagged"] == pytest.approx(claimed["flagged"], abs=1e-4)
+        assert measured["not_ok"] >= floor

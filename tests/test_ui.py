@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import itertools
+import math
 import os
 import re
 import shutil
@@ -256,6 +257,39 @@ def test_drawn_non_digit_is_said_to_be_no_digit(open_page: Callable[..., Page]) 
     expect(page.locator("#digit")).to_have_text("?")
     expect(page.locator("#bars li")).to_have_count(10)  # the probabilities are still shown
     _screenshot(page, "not-a-digit")
+
+
+def _arc(
+    cx: float, cy: float, rx: float, ry: float, start: float, end: float, n: int = 16
+) -> list[tuple[float, float]]:
+    return [
+        (cx + rx * math.cos(start + (end - start) * k / n), cy + ry * math.sin(start + (end - start) * k / n))
+        for k in range(n + 1)
+    ]
+
+
+FACE = [  # what people draw to test a digit reader (issue 27): a circle, two eyes, a smile
+    _arc(0.5, 0.5, 0.34, 0.36, -1.4, 2 * math.pi - 1.3),
+    [(0.38, 0.38), (0.385, 0.41)],
+    [(0.62, 0.38), (0.615, 0.41)],
+    _arc(0.5, 0.56, 0.17, 0.12, 0.3, math.pi - 0.3, n=8),
+]
+HEART = [  # two strokes from the dip at the top, each over one lobe and down to the point
+    [*_arc(0.36, 0.38, 0.14, 0.14, 0, -math.pi), (0.5, 0.8)],
+    [*_arc(0.64, 0.38, 0.14, 0.14, math.pi, 2 * math.pi), (0.5, 0.8)],
+]
+
+
+@pytest.mark.parametrize("drawing", [FACE, HEART], ids=["face", "heart"])
+def test_drawn_shapes_are_not_answered_as_sure_digits(open_page: Callable[..., Page], drawing) -> None:
+    """A drawn face was answered 0 with status ok by the 2026-12-02 CNN; no drawing that is not a digit should be."""
+    page = open_page()
+    with page.expect_response(lambda r: r.url.endswith("/predict")) as answer:
+        for stroke in drawing:
+            _mouse_stroke(page, stroke)
+    assert answer.value.json()["status"] in ("not_a_digit", "uncertain"), answer.value.json()
+    expect(page.locator("#result")).to_be_visible(timeout=PREDICT_TIMEOUT_MS)
+    expect(page.locator("#verdict")).not_to_have_text(re.compile(r"^This is a \d\.$"))
 
 
 NUMBER_17 = [  # a 1 on the left, a two-stroke 7 on the right
