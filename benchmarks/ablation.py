@@ -21,10 +21,9 @@ from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
-import torch
 from tqdm import tqdm
 
-from benchmarks.preprocess_accuracy import FAMILIES, LIMITS, REFUSED, classify, render, run_pipeline
+from benchmarks.preprocess_accuracy import FAMILIES, LIMITS, render, right_answers, run_pipeline
 from service.imaging.preprocess import preprocess
 from training.data import load_arrays, load_mnist
 from training.evaluate import evaluate_onnx
@@ -66,13 +65,10 @@ def measure(path: Path, families: Uploads) -> dict:
     """Test accuracy, ECE, not-a-digit figures and every upload family's accuracy of one ONNX file."""
     result = evaluate_onnx(path, ood=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    by_family = {}
-    for family, (pixels, refused, labels) in families.items():
-        if family in REFUSED:
-            right = np.array([status == REFUSED[family] for status in refused])
-        else:
-            right = (classify(session, pixels) == labels) & np.array([status is None for status in refused])
-        by_family[family] = float(right.mean())
+    by_family = {
+        family: float(right_answers(session, family, pixels, refused, labels).mean())
+        for family, (pixels, refused, labels) in families.items()
+    }
     ood = result["ood"]
     return {
         "test_accuracy": result["accuracy"],
@@ -125,7 +121,6 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "ablation", help="(default: runs/ablation)")
     args = parser.parse_args()
 
-    torch.manual_seed(args.seed)
     families = uploads(args.per_family, seed=0)
     results: dict[str, dict] = {}
     for path in args.models:

@@ -383,6 +383,16 @@ def classify(session: ort.InferenceSession, batch: np.ndarray) -> np.ndarray:
     return probabilities.argmax(axis=1)
 
 
+def right_answers(
+    session: ort.InferenceSession, family: str, pixels: np.ndarray, refused: list, labels: np.ndarray
+) -> np.ndarray:
+    """Per upload, whether the answer was right: the refusal's status for multi-digit and no-digit pages, else the
+    true digit from an upload that was not refused."""
+    if family in REFUSED:
+        return np.array([status == REFUSED[family] for status in refused])
+    return (classify(session, pixels) == labels) & np.array([status is None for status in refused])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", type=Path, default=REPO / "exported" / "mnist-cnn.onnx", help="ONNX model")
@@ -423,10 +433,7 @@ def main() -> None:
         cells = []
         for name, pipeline in pipelines.items():
             pixels, refused, seconds = run_pipeline(pipeline, files)
-            if family in REFUSED:
-                right = np.array([status == REFUSED[family] for status in refused])
-            else:
-                right = (classify(session, pixels) == labels) & np.array([status is None for status in refused])
+            right = right_answers(session, family, pixels, refused, labels)
             totals[name].append(float(right.mean()))
             cells.append(f"{right.mean():18.1%}")
         shown_ceiling = "" if family in REFUSED else f"{ceiling:.1%}"

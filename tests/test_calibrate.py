@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.calibrate import auroc, digit_score, ece, fit_temperature, ood_report, ood_threshold, softmax
+from training.calibrate import auroc, digit_score, ece, fit_temperature, ood_report, ood_threshold, softmax, statuses
 
 
 def synthetic(n: int, temperature: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -57,3 +57,12 @@ def test_scores() -> None:
     assert digit_score(logits, "logsumexp")[1] == pytest.approx(np.log(10))
     with pytest.raises(ValueError, match="unknown OOD score"):
         digit_score(logits, "entropy")
+
+
+def test_statuses_follow_the_services_rule() -> None:
+    """not_a_digit below the OOD threshold; not ok also below the uncertain threshold; else ok."""
+    logits = np.log(np.array([[0.95] + [0.05 / 9] * 9, [0.6] + [0.4 / 9] * 9, [0.3] + [0.7 / 9] * 9]))
+    probabilities = np.exp(logits)
+    flagged, not_ok = statuses(probabilities, logits, "max_probability", 0.45, 0.9)
+    assert flagged.tolist() == [False, False, True]
+    assert not_ok.tolist() == [False, True, True]

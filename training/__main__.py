@@ -35,6 +35,13 @@ def cmd_data(args: argparse.Namespace) -> int:
     return 0
 
 
+# Flags that set the Recipe field of the same name as they are.
+RECIPE_FLAGS = (
+    "epochs", "batch_size", "lr", "seed", "val_size", "train_subset", "patience", "label_smoothing", "pairs",
+    "low_res", "max_rotate", "max_shift", "max_scale", "max_thickness", "elastic",
+)  # fmt: skip
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from training.models import MODELS
     from training.train import default_recipe, pick_device, train
@@ -53,23 +60,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     recipe = default_recipe(
         args.model,
         model_args=model_args,
-        epochs=args.epochs,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        val_size=args.val_size,
-        train_subset=args.train_subset,
         augment=False if args.no_augment else None,
-        patience=args.patience,
-        label_smoothing=args.label_smoothing,
         outliers=0 if args.no_outliers else None,
-        pairs=args.pairs,
-        low_res=args.low_res,
-        max_rotate=args.max_rotate,
-        max_shift=args.max_shift,
-        max_scale=args.max_scale,
-        max_thickness=args.max_thickness,
-        elastic=args.elastic,
+        **{field: getattr(args, field) for field in RECIPE_FLAGS},  # None: the recipe's own value
     )
     from training.data import load_mnist
 

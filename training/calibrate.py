@@ -91,6 +91,15 @@ def digit_score(logits: np.ndarray, kind: str) -> np.ndarray:
     raise ValueError(f"unknown OOD score {kind!r}; choose one of {', '.join(OOD_SCORES)}")
 
 
+def statuses(
+    probabilities: np.ndarray, logits: np.ndarray, kind: str, ood_threshold: float, uncertain_threshold: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """The service's status rule (service/inference/answers.py) on a graph's outputs: which inputs are answered
+    ``not_a_digit``, and which are not ``ok`` (``not_a_digit``, or ``uncertain`` below the uncertain threshold)."""
+    flagged = digit_score(logits, kind) < ood_threshold
+    return flagged, flagged | (probabilities.max(axis=1) < uncertain_threshold)
+
+
 def auroc(positive: np.ndarray, negative: np.ndarray) -> float:
     """Probability that a random positive scores above a random negative (ties count half): the ROC area."""
     scores = np.concatenate([positive, negative])

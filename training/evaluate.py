@@ -123,7 +123,7 @@ def evaluate_onnx(path: Path, data_dir: Path | None = None, ood: bool = False) -
     """
     import onnxruntime as ort
 
-    from training.calibrate import digit_score, ood_report, reliability, softmax
+    from training.calibrate import digit_score, ood_report, reliability, softmax, statuses
     from training.data import load_arrays
 
     arrays = load_arrays(data_dir)
@@ -157,14 +157,12 @@ def evaluate_onnx(path: Path, data_dir: Path | None = None, ood: bool = False) -
 
         pairs = touching_pairs(arrays["t10k-images-idx3-ubyte"], 2000, seed=12345)
         pair_probabilities, pair_logits = onnx_outputs(session, pairs)
-        # The service's status rule (service/inference/answers.py): not_a_digit below the threshold, else uncertain
-        # below the uncertain threshold.
-        flagged = digit_score(pair_logits, kind) < threshold
-        unsure = pair_probabilities.max(axis=1) < float(meta["uncertain_threshold"])
+        uncertain = float(meta["uncertain_threshold"])
+        flagged, not_ok = statuses(pair_probabilities, pair_logits, kind, threshold, uncertain)
         result["ood"]["touching_pairs"] = {
             "count": len(pair_probabilities),
             "flagged": float(flagged.mean()),
-            "not_ok": float((flagged | unsure).mean()),
+            "not_ok": float(not_ok.mean()),
         }
         # Hand-drawn shapes (faces, hearts, ticks...; training/shapes.py), another seed than training's: what a
         # user draws to test the reader. "not ok" is what the user sees as not a confident digit.
@@ -172,8 +170,7 @@ def evaluate_onnx(path: Path, data_dir: Path | None = None, ood: bool = False) -
 
         shapes, shape_families = held_out_shapes()
         shape_probabilities, shape_logits = onnx_outputs(session, shapes)
-        flagged = digit_score(shape_logits, kind) < threshold
-        not_ok = flagged | (shape_probabilities.max(axis=1) < float(meta["uncertain_threshold"]))
+        flagged, not_ok = statuses(shape_probabilities, shape_logits, kind, threshold, uncertain)
         names = np.array(shape_families)
         result["ood"]["drawn_shapes"] = {
             "count": len(shapes),

@@ -26,7 +26,7 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from training.calibrate import ECE_BINS, digit_score, ece, ood_report, softmax
+from training.calibrate import ECE_BINS, digit_score, ece, ood_report, softmax, statuses
 from training.data import MNIST_MEAN, MNIST_STD, load_arrays
 from training.evaluate import load_checkpoint, onnx_outputs, onnx_probabilities, summarise
 from training.models import count_parameters
@@ -228,8 +228,7 @@ def measure_quality(
     others = onnx_outputs(session, held_out_outliers()[0])[1]
     kind, threshold = calibration["ood_score"], calibration["ood_threshold"]
     shape_probabilities, shape_logits = onnx_outputs(session, held_out_shapes()[0])
-    flagged = digit_score(shape_logits, kind) < threshold
-    unsure = shape_probabilities.max(axis=1) < calibration["uncertain_threshold"]
+    flagged, not_ok = statuses(shape_probabilities, shape_logits, kind, threshold, calibration["uncertain_threshold"])
     return {
         "temperature": temperature,
         "test_ece": ece(probabilities, labels),
@@ -238,7 +237,7 @@ def measure_quality(
         "drawn_shapes": {
             "count": len(shape_logits),
             "flagged": float(flagged.mean()),
-            "not_ok": float((flagged | unsure).mean()),
+            "not_ok": float(not_ok.mean()),
         },
     }
 

@@ -306,12 +306,16 @@ def _generate(families: dict[str, tuple[Callable, float]], count: int, seed: int
     kinds = rng.choice(len(names), size=count, p=weights / weights.sum())
     images = np.empty((count, MNIST_SIDE, MNIST_SIDE), dtype=np.uint8)
     for i, kind in enumerate(kinds):
-        make = families[names[kind]][0]
-        image = to_mnist(make(rng))
-        while not image.any():  # an empty draw (e.g. a blob thresholded away): draw again
-            image = to_mnist(make(rng))
-        images[i] = image
+        images[i] = draw(families[names[kind]][0], rng)
     return images, kinds
+
+
+def draw(make: Callable[[np.random.Generator], np.ndarray], rng: np.random.Generator) -> np.ndarray:
+    """One image of generator `make` in MNIST's format, drawn again while empty (e.g. a blob thresholded away)."""
+    image = to_mnist(make(rng))
+    while not image.any():
+        image = to_mnist(make(rng))
+    return image
 
 
 def training_families(drawn_shapes: bool = True) -> dict[str, tuple[Callable, float]]:

@@ -22,7 +22,7 @@ from collections.abc import Callable
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from training.outliers import CANVAS, MNIST_SIDE, to_mnist
+from training.outliers import CANVAS, MNIST_SIDE, draw
 
 HELD_OUT_SEED = 7_777_777
 
@@ -182,8 +182,7 @@ def arrow(rng: np.random.Generator) -> np.ndarray:
     else:
         pen.stroke([left, (x1, y1)])
         pen.stroke([right, (x1, y1)])
-    pen.image = pen.image.rotate(rng.uniform(0, 360), resample=Image.Resampling.BILINEAR)
-    pen.draw = ImageDraw.Draw(pen.image)
+    pen.image = pen.image.rotate(rng.uniform(0, 360), resample=Image.Resampling.BILINEAR)  # any direction
     return pen.ink()
 
 
@@ -306,10 +305,7 @@ def drawn_shapes(count: int, seed: int) -> tuple[np.ndarray, list[str]]:
     kinds = rng.integers(len(names), size=count)
     images = np.empty((count, MNIST_SIDE, MNIST_SIDE), dtype=np.uint8)
     for i, kind in enumerate(kinds):
-        image = to_mnist(FAMILIES[names[kind]](rng))
-        while not image.any():
-            image = to_mnist(FAMILIES[names[kind]](rng))
-        images[i] = image
+        images[i] = draw(FAMILIES[names[kind]], rng)
     return images, [names[k] for k in kinds]
 
 

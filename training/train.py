@@ -163,7 +163,7 @@ def low_resolution(images: torch.Tensor, share: float, generator: torch.Generato
     peak = coarse.amax(dim=(2, 3), keepdim=True).clamp_min(1e-6)
     coarse = torch.round(coarse / peak * 15) / 15
     blown = F.interpolate(
-        coarse, size=images.shape[-2:], mode=mode, **({} if mode == "nearest-exact" else {"align_corners": False})
+        coarse, size=images.shape[-2:], mode=mode, align_corners=None if mode != "bilinear" else False
     )
     pick = torch.rand(n, 1, 1, 1, generator=generator, device=device) < share
     return torch.where(pick, blown, images)
