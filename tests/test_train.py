@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from training.data import load_mnist, normalise
-from training.evaluate import load_checkpoint
-from training.train import default_recipe, low_resolution, pick_device, stop_early, train
+from training.evaluate import evaluate_checkpoint, load_checkpoint
+from training.models import Ensemble, build
+from training.train import _new_run_dir, default_recipe, distill_loss, low_resolution, pick_device, stop_early, train
 
 
 @pytest.fixture(scope="module")
@@ -136,3 +137,63 @@ def test_low_resolution_blocks_a_share_of_the_batch_and_keeps_the_digit() -> Non
         blocky.append(max(torch.unique(image).numel() for image in out[moved]) <= 16)
     assert 0.35 < sum(changed) / len(changed) < 0.65
     assert any(blocky) and not all(blocky)  # both blow-ups occur
+
+
+def test_a_student_learns_what_its_teacher_answers_not_the_labels(short_run, tmp_path: Path) -> None:
+    """A teacher whose outputs are shifted by one (it answers 4 for a 3) teaches a student that, with distillation
+    weight 1, never sees a label: the student answers as the teacher does, so the teacher really is what it learns."""
+    checkpoint = torch.load(short_run.checkpoint, weights_only=True)
+    last = [k for k in checkpoint["state_dict"] if k.endswith(".weight")][-1].removesuffix(".weight")
+    for key in (f"{last}.weight", f"{last}.bias"):
+        checkpoint["state_dict"][key] = checkpoint["state_dict"][key].roll(1, dims=0)  # logit k <- logit k-1
+    shifted = tmp_path / "shifted-teacher.pt"
+    torch.save(checkpoint, shifted)
+    recipe = default_recipe(
+        "cnn",
+        epochs=1,
+        train_subset=5000,
+        seed=1,
+        split_seed=0,
+        teachers=(str(shifted),),
+        distill_weight=1.0,
+        ema=0,  # else the averaged weights, nearer the initial ones, win on the true labels' validation (10% > 0%)
+    )
+    assert recipe.validation_seed() == 0 and default_recipe("cnn", seed=1).validation_seed() == 1
+    student = train(recipe, torch.device("cpu"), runs_dir=tmp_path / "runs", command="pytest")
+    assert list(student.metrics["recipe"]["teachers"]) == [str(shifted)]
+    model, _ = load_checkpoint(student.checkpoint)
+    data = load_mnist(val_size=0)
+    with torch.no_grad():
+        answers = model(normalise(data.test_images)).argmax(1)
+    assert (answers == (data.test_labels + 1) % 10).float().mean() >= 0.7  # the teacher's answers; chance is 10%
+    assert student.metrics["test_accuracy"] < 0.1
+
+
+def test_the_distillation_loss_blends_labels_and_teacher() -> None:
+    torch.manual_seed(0)
+    logits, other, labels = torch.randn(32, 10), torch.randn(32, 10), torch.randint(0, 10, (32,))
+    ce = torch.nn.CrossEntropyLoss()
+    only_labels = default_recipe("cnn", distill_weight=0.0)
+    assert torch.allclose(distill_loss(logits, other, labels, only_labels, ce), ce(logits, labels))
+    # A teacher that agrees with the student adds nothing; one that disagrees adds a positive term.
+    recipe = default_recipe("cnn", distill_weight=0.9, distill_temperature=4.0)
+    assert torch.allclose(distill_loss(logits, logits, labels, recipe, ce), 0.1 * ce(logits, labels))
+    assert distill_loss(logits, other, labels, recipe, ce) > 0.1 * ce(logits, labels)
+
+
+def test_an_ensemble_answers_the_mean_of_its_members_logits(short_run) -> None:
+    torch.manual_seed(0)
+    a, _ = load_checkpoint(short_run.checkpoint)
+    b = build("cnn", **default_recipe("cnn").model_args).eval()
+    x = normalise(load_mnist(val_size=0).test_images[:16])
+    with torch.no_grad():
+        assert torch.allclose(Ensemble([a, b]).eval()(x), (a(x) + b(x)) / 2, atol=1e-6)
+    # The same model twice is the model: `python -m training evaluate a.pt a.pt` reports its accuracy.
+    twice = evaluate_checkpoint([short_run.checkpoint, short_run.checkpoint])
+    assert twice["accuracy"] == pytest.approx(short_run.metrics["test_accuracy"], abs=1e-4)
+
+
+def test_runs_started_in_the_same_second_get_their_own_directories(tmp_path: Path) -> None:
+    first, second = _new_run_dir(tmp_path, "cnn-20261204-120148"), _new_run_dir(tmp_path, "cnn-20261204-120148")
+    assert first.name == "cnn-20261204-120148" and second.name == "cnn-20261204-120148-2"
+    assert first.is_dir() and second.is_dir()

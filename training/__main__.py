@@ -38,7 +38,8 @@ def cmd_data(args: argparse.Namespace) -> int:
 # Flags that set the Recipe field of the same name as they are.
 RECIPE_FLAGS = (
     "epochs", "batch_size", "lr", "seed", "val_size", "train_subset", "patience", "label_smoothing", "pairs",
-    "low_res", "max_rotate", "max_shift", "max_scale", "max_thickness", "elastic",
+    "low_res", "max_rotate", "max_shift", "max_scale", "max_thickness", "elastic", "split_seed",
+    "distill_weight", "distill_temperature",
 )  # fmt: skip
 
 
@@ -62,11 +63,12 @@ def cmd_train(args: argparse.Namespace) -> int:
         model_args=model_args,
         augment=False if args.no_augment else None,
         outliers=0 if args.no_outliers else None,
+        teachers=tuple(args.teachers) if args.teachers else None,
         **{field: getattr(args, field) for field in RECIPE_FLAGS},  # None: the recipe's own value
     )
     from training.data import load_mnist
 
-    data = load_mnist(_data_dir(args.data_dir), recipe.val_size, recipe.seed, recipe.train_subset)
+    data = load_mnist(_data_dir(args.data_dir), recipe.val_size, recipe.validation_seed(), recipe.train_subset)
     command = "python -m training " + " ".join(shlex.quote(a) for a in args.argv)
     result = train(recipe, device, data, command=command)
     m = result.metrics
@@ -83,16 +85,22 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from training.evaluate import evaluate_checkpoint, evaluate_onnx
 
-    path = Path(args.file)
-    if not path.is_file():
-        raise ValueError(f"no such file: {path}")
+    paths = [Path(f) for f in args.file]
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"no such file: {path}")
+    path = paths[0]
     if path.suffix != ".onnx" and (args.ood or args.reliability):
         raise ValueError("--ood and --reliability measure an exported .onnx file (they read its metadata)")
+    if len(paths) > 1 and any(p.suffix == ".onnx" for p in paths):
+        raise ValueError("an ensemble is measured from checkpoints (.pt), not from ONNX files")
     result = (
         evaluate_onnx(path, _data_dir(args.data_dir), ood=args.ood)
         if path.suffix == ".onnx"
-        else evaluate_checkpoint(path, _data_dir(args.data_dir))
+        else evaluate_checkpoint(paths, _data_dir(args.data_dir))
     )
+    if len(paths) > 1:
+        path = f"ensemble of {len(paths)} (mean logits)"
     print(f"{path}: test accuracy {100 * result['accuracy']:.2f}% on {result['count']} images")
     for digit, acc in enumerate(result["per_class_accuracy"]):
         print(f"  digit {digit}: {100 * acc:.2f}%")
@@ -202,13 +210,17 @@ def parser() -> argparse.ArgumentParser:
         "--patience", type=int, help="early stopping patience in epochs, counted in the second half (default: 5)"
     )
     t.add_argument("--seed", type=int, help="seed for split, init and batches (default: 0)")
+    t.add_argument("--split-seed", type=int, help="seed of the validation split (default: --seed)")
+    t.add_argument("--teachers", nargs="+", metavar="CKPT", help="distil from these checkpoints' mean logits")
+    t.add_argument("--distill-weight", type=float, help="share of the digit loss taught by the teachers (default: 0.9)")
+    t.add_argument("--distill-temperature", type=float, help="temperature of the distillation (default: 4)")
     t.add_argument("--val-size", type=int, help="validation images held out of the training set (default: 5000)")
     t.add_argument("--train-subset", type=int, help="train on only this many images (quick runs)")
     t.add_argument("--target", type=float, help="exit non-zero if test accuracy (fraction) ends below this")
     t.set_defaults(fn=cmd_train)
 
     e = with_data(sub.add_parser("evaluate", help="test accuracy of a checkpoint (.pt) or an ONNX file (.onnx)"))
-    e.add_argument("file")
+    e.add_argument("file", nargs="+", help="one .onnx or .pt file; several .pt files: their ensemble (mean logits)")
     e.add_argument("--json", action="store_true", help="also print the full result as JSON")
     e.add_argument("--ood", action="store_true", help="also measure 'not a digit' on the held-out non-digit set")
     e.add_argument("--reliability", metavar="PNG", help="write a reliability diagram (before/after the temperature)")

@@ -87,12 +87,16 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, d
     return model.eval().to(device), checkpoint
 
 
-def evaluate_checkpoint(path: Path, data_dir: Path | None = None) -> dict:
+def evaluate_checkpoint(paths: Path | list[Path], data_dir: Path | None = None) -> dict:
+    """Test accuracy of a checkpoint, or of several as one ensemble (the mean of their logits)."""
     import torch
 
     from training.data import load_mnist
+    from training.models import Ensemble
 
-    model, _ = load_checkpoint(path)
+    paths = [paths] if isinstance(paths, Path) else paths
+    models = [load_checkpoint(p)[0] for p in paths]
+    model = models[0] if len(models) == 1 else Ensemble(models).eval()
     data = load_mnist(data_dir=data_dir)
     return evaluate_model(model, data.test_images, data.test_labels, torch.device("cpu"))
 

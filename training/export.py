@@ -275,7 +275,7 @@ def export(
         from training.train import Recipe, calibrate
 
         recipe = Recipe(**checkpoint["recipe"])
-        data = load_mnist(data_dir, recipe.val_size, recipe.seed, recipe.train_subset)
+        data = load_mnist(data_dir, recipe.val_size, recipe.validation_seed(), recipe.train_subset)
         checkpoint["calibration"] = calibrate(model, data, recipe, torch.device("cpu"))
     temperature = checkpoint["calibration"]["temperature"]
     name = name or f"mnist-{checkpoint['arch']}"

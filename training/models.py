@@ -92,6 +92,17 @@ class TinyCNN(nn.Module):
         return self.net(x)
 
 
+class Ensemble(nn.Module):
+    """Several models as one: the mean of their logits (a distillation teacher, or an ensemble to measure)."""
+
+    def __init__(self, members: Sequence[nn.Module]) -> None:
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([m(x) for m in self.members]).mean(dim=0)
+
+
 MODELS: dict[str, type[nn.Module]] = {"mlp": MLP, "cnn": CNN, "cnn-tiny": TinyCNN}
 
 

@@ -63,6 +63,15 @@ class Recipe:
     val_size: int = 5000
     train_subset: int | None = None
     seed: int = 0
+    split_seed: int | None = None  # seed of the validation split (None: `seed`); teachers and student share one
+    # Knowledge distillation (Hinton et al. 2015): checkpoints whose mean logits teach this run (empty: off).
+    teachers: tuple[str, ...] = ()
+    distill_weight: float = 0.9  # share of the digit loss that matches the teachers (the rest: the labels)
+    distill_temperature: float = 4.0  # softens both sides, so the teachers' second choices carry weight
+
+    def validation_seed(self) -> int:
+        """The seed of the validation split: runs that share it never train on one another's validation digits."""
+        return self.seed if self.split_seed is None else self.split_seed
 
 
 # Default recipes, chosen for accuracy per second of CPU (see docs/training.md for the measurements).
@@ -208,7 +217,8 @@ def train(
     torch.manual_seed(recipe.seed)
     if device.type == "cpu":
         configure_cpu_threads()
-    data = (data or load_mnist(val_size=recipe.val_size, seed=recipe.seed, train_subset=recipe.train_subset)).to(device)
+    data = data or load_mnist(val_size=recipe.val_size, seed=recipe.validation_seed(), train_subset=recipe.train_subset)
+    data = data.to(device)
     model = build(recipe.model, **recipe.model_args).to(device)
     use_amp = device.type == "cuda"
     # NHWC for convolutions: tensor cores want it on a GPU, and oneDNN's CPU kernels too (a CNN step 1.38x faster
@@ -216,6 +226,7 @@ def train(
     channels_last = recipe.model != "mlp"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
+    teacher = load_teachers(recipe.teachers, device, channels_last) if recipe.teachers else None
 
     steps_per_epoch = math.ceil(len(data.train_images) / recipe.batch_size)
     optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -245,9 +256,9 @@ def train(
             pool.append(touching_pairs(digits, min(recipe.pairs, len(digits)), seed=recipe.seed))
         outliers = torch.from_numpy(np.concatenate(pool)).to(device)
 
-    run_id = f"{recipe.model}-{datetime.now():%Y%m%d-%H%M%S}"
-    run_dir = runs_dir / run_id
-    run_dir.mkdir(parents=True, exist_ok=False)
+    run_dir = _new_run_dir(runs_dir, f"{recipe.model}-{datetime.now():%Y%m%d-%H%M%S}")
+    run_id = run_dir.name
+    print(f"writing {run_dir}", file=sys.stderr, flush=True)  # known before the end, even if the run is stopped
     checkpoint_path = run_dir / "best.pt"
 
     history: list[dict] = []
@@ -274,7 +285,13 @@ def train(
                 x = x.contiguous(memory_format=torch.channels_last)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
                 logits = model(x).float()
-                loss = loss_fn(logits[: len(idx)], data.train_labels[idx])
+                labels = data.train_labels[idx]
+                if teacher is None:
+                    loss = loss_fn(logits[: len(idx)], labels)
+                else:
+                    with torch.no_grad():
+                        taught = teacher(x[: len(idx)]).float()
+                    loss = distill_loss(logits[: len(idx)], taught, labels, recipe, loss_fn)
                 if outliers is not None:
                     loss = loss + recipe.outlier_weight * uniform_loss(logits[len(idx) :])
             optimiser.zero_grad(set_to_none=True)
@@ -355,6 +372,19 @@ def train(
     return RunResult(run_dir=run_dir, checkpoint=checkpoint_path, metrics=metrics)
 
 
+def _new_run_dir(runs_dir: Path, run_id: str) -> Path:
+    """runs/<run_id>/, or <run_id>-2/, -3/... when runs started in the same second (several at once on a GPU)."""
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = runs_dir / (run_id if n == 1 else f"{run_id}-{n}")
+        try:
+            path.mkdir()
+            return path
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"no free run directory for {run_id} in {runs_dir}")
+
+
 def stop_early(epoch: int, best_epoch: int, recipe: Recipe) -> bool:
     """Whether `recipe.patience` epochs have passed without a new best, counting only the schedule's second half.
 
@@ -362,6 +392,29 @@ def stop_early(epoch: int, best_epoch: int, recipe: Recipe) -> bool:
     that counted from the start stopped at epoch 13 at 99.22% validation (measured).
     """
     return epoch - max(best_epoch, recipe.epochs // 2) >= recipe.patience
+
+
+def load_teachers(paths: tuple[str, ...], device: torch.device, channels_last: bool) -> nn.Module:
+    """The teachers' checkpoints as one frozen model that returns their mean logits."""
+    from training.evaluate import load_checkpoint
+    from training.models import Ensemble
+
+    teacher = Ensemble([load_checkpoint(Path(p), device.type)[0] for p in paths]).to(device).eval()
+    if channels_last:
+        teacher = teacher.to(memory_format=torch.channels_last)
+    return teacher.requires_grad_(False)
+
+
+def distill_loss(
+    logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, recipe: Recipe, label_loss: nn.Module
+) -> torch.Tensor:
+    """The labels' loss blended with KL(teacher || student) at a temperature T, scaled by T^2 so that its gradients
+    keep their size as T changes (Hinton et al. 2015). The teachers see the same augmented batch as the student."""
+    t = recipe.distill_temperature
+    student, teacher = F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1)
+    matched = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
+    w = recipe.distill_weight
+    return (1 - w) * label_loss(logits, labels) + w * t * t * matched
 
 
 def uniform_loss(logits: torch.Tensor) -> torch.Tensor:
