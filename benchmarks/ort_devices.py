@@ -24,7 +24,7 @@ import numpy as np
 import onnxruntime as ort
 
 from service.inference.runtime import ModelError, create_session
-from training.data import load_arrays
+from training.data import given_dir, load_arrays
 
 EXPORTED = Path(__file__).resolve().parent.parent / "exported"
 BATCHES = (1, 8, 64, 512, 4096)
@@ -45,12 +45,16 @@ def time_runs(session: ort.InferenceSession, pixels: np.ndarray, seconds: float 
 
 
 def probabilities(session: ort.InferenceSession, pixels: np.ndarray) -> np.ndarray:
+    """The graph's probabilities [N, 10] for float32 pixels [N, 1, 28, 28] in [0, 1], 1,000 images per run."""
     name = session.get_inputs()[0].name
     batches = [pixels[i : i + 1000] for i in range(0, len(pixels), 1000)]
     return np.concatenate([session.run(["probabilities"], {name: b})[0] for b in batches])
 
 
 def measure(path: Path, pixels: np.ndarray, labels: np.ndarray, threads: int) -> dict:
+    """One model on each provider that starts. Returns {"model", "test_accuracy": {device: fraction},
+    "median_ms": {device: {batch: ms}}, and either "cuda_providers", "max_probability_difference" and
+    "different_predictions", or "cuda_error" (the service's own message)}; pixels as `probabilities` takes them."""
     cpu = create_session(path, "cpu", threads)
     sessions = {"cpu": cpu}
     result: dict = {"model": path.stem}
@@ -77,8 +81,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="CPU threads per session (default: all)")
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
-    data_dir = os.environ.get("MNIST_DATA_DIR")  # as `python -m training` reads it
-    arrays = load_arrays(Path(data_dir) if data_dir else None)
+    arrays = load_arrays(given_dir())  # MNIST_DATA_DIR, as `python -m training` reads it
     pixels = arrays["t10k-images-idx3-ubyte"][:, None].astype(np.float32) / 255.0
     labels = arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
     names = args.models or sorted(f.stem for f in EXPORTED.glob("*.onnx"))

@@ -6,7 +6,7 @@
 #   3. students distilled from the teachers' mean logits (training/train.py, `--teachers`), as many epochs as the
 #      time left allows (STUDENT_EPOCHS caps it).
 # Everything runs under BUDGET_S seconds; results land in $OUT (phase1.tgz, phase2.tgz, log.txt, gpu.csv).
-#   OUT=/tmp/out BUDGET_S=450 MNIST_DATA_DIR=data/mnist bash scripts/gpu-train.sh
+#   OUT=/tmp/out BUDGET_S=440 MNIST_DATA_DIR=data/mnist bash scripts/gpu-train.sh   (the documented run)
 set -u
 OUT=${OUT:-/tmp/gpu-train}
 BUDGET_S=${BUDGET_S:-450}
@@ -28,13 +28,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv
 $PY -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name(0))"
 nvidia-smi --query-gpu=timestamp,utilization.gpu,memory.used --format=csv,noheader -l 5 > "$OUT/gpu.csv" &
 GPU_LOG=$!
+trap 'kill $GPU_LOG 2>/dev/null' EXIT
 
 pack() {  # pack <name> <run dirs...>: checkpoints, metrics, curves and logs of the finished runs
   local name=$1; shift
   tar czf "$OUT/$name.tgz.tmp" logs-gpu $(for d in "$@"; do ls "$d"/best.pt "$d"/metrics.json "$d"/*.png 2>/dev/null; done)
   mv "$OUT/$name.tgz.tmp" "$OUT/$name.tgz"
 }
-run_dir() { sed -n 's/^writing //p' "logs-gpu/$1.log" | tail -1; }  # train prints it as it starts
+run_dir() { sed -n 's/^training.train.run: writing //p' "logs-gpu/$1.log" | tail -1; }  # logged as a run starts
 
 # Phase 1: the default recipe and the teachers, all at once.
 say "phase 1: default recipe + $TEACHERS teachers x $TEACHER_EPOCHS epochs"
@@ -61,7 +62,7 @@ for s in $(seq 1 "$TEACHERS"); do
   d=$(run_dir "teacher$s"); [ -n "$d" ] && [ -f "$d/best.pt" ] && teachers+=("$d/best.pt")
 done
 say "${#teachers[@]} teachers finished"
-[ "${#teachers[@]}" -ge 2 ] || { say "too few teachers for phase 2"; kill $GPU_LOG; exit 1; }
+[ "${#teachers[@]}" -ge 2 ] || { say "too few teachers for phase 2"; exit 1; }
 
 # Phase 2: students, sized to the time left from the teachers' measured seconds per epoch.
 epoch_s=$($PY -c "
@@ -91,5 +92,4 @@ for f in logs-gpu/student-*.log; do
   grep -E "^(best epoch|test accuracy|training wall)" "$f"
 done
 pack phase2 "${dirs[@]}"
-kill $GPU_LOG
 say "done"

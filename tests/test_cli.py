@@ -31,6 +31,20 @@ def test_unknown_device_is_a_clear_error() -> None:
     assert "unknown device 'tpu'" in result.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--distill-weight", "0.5"], "need --teachers"),
+        (["--teachers", "nowhere.pt"], "no such teacher checkpoint: nowhere.pt"),
+        (["--teachers", "README.md", "--distill-weight", "1.5"], "--distill-weight must be in [0, 1]"),
+        (["--teachers", "README.md", "--distill-temperature", "0"], "--distill-temperature must be > 0"),
+    ],
+)
+def test_distillation_flags_are_checked_before_training(flags: list[str], message: str) -> None:
+    result = run("train", "--epochs", "1", *flags)
+    assert result.returncode == 2 and message in result.stderr
+
+
 def test_evaluate_a_missing_file_is_a_clear_error() -> None:
     result = run("evaluate", "nowhere.onnx")
     assert result.returncode != 0 and "no such file: nowhere.onnx" in result.stderr

@@ -173,12 +173,17 @@ def test_the_distillation_loss_blends_labels_and_teacher() -> None:
     torch.manual_seed(0)
     logits, other, labels = torch.randn(32, 10), torch.randn(32, 10), torch.randint(0, 10, (32,))
     ce = torch.nn.CrossEntropyLoss()
-    only_labels = default_recipe("cnn", distill_weight=0.0)
-    assert torch.allclose(distill_loss(logits, other, labels, only_labels, ce), ce(logits, labels))
+    assert torch.allclose(distill_loss(logits, other, labels, 0.0, 4.0, ce), ce(logits, labels))
     # A teacher that agrees with the student adds nothing; one that disagrees adds a positive term.
-    recipe = default_recipe("cnn", distill_weight=0.9, distill_temperature=4.0)
-    assert torch.allclose(distill_loss(logits, logits, labels, recipe, ce), 0.1 * ce(logits, labels))
-    assert distill_loss(logits, other, labels, recipe, ce) > 0.1 * ce(logits, labels)
+    assert torch.allclose(distill_loss(logits, logits, labels, 0.9, 4.0, ce), 0.1 * ce(logits, labels))
+    assert distill_loss(logits, other, labels, 0.9, 4.0, ce) > 0.1 * ce(logits, labels)
+
+
+def test_a_teacher_that_trained_on_the_students_validation_digits_is_refused(short_run, tmp_path: Path) -> None:
+    # The teacher held out seed 0's split; a seed-1 student without --split-seed 0 validates on other digits.
+    recipe = default_recipe("cnn", epochs=1, train_subset=5000, seed=1, teachers=(str(short_run.checkpoint),))
+    with pytest.raises(ValueError, match="another validation split"):
+        train(recipe, torch.device("cpu"), runs_dir=tmp_path, command="pytest")
 
 
 def test_an_ensemble_answers_the_mean_of_its_members_logits(short_run) -> None:

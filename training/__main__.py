@@ -21,9 +21,9 @@ SCRATCH_DIR = REPO / "runs" / "export"  # where an export goes unless told: neve
 
 
 def _data_dir(value: str | None) -> Path | None:
-    # The flag wins; MNIST_DATA_DIR is the environment's way to say the same thing.
-    value = value or os.environ.get("MNIST_DATA_DIR")
-    return Path(value) if value else None
+    from training.data import given_dir
+
+    return given_dir(value)
 
 
 def cmd_data(args: argparse.Namespace) -> int:
@@ -58,6 +58,15 @@ def cmd_train(args: argparse.Namespace) -> int:
             value = getattr(args, key)
             if value is not None:
                 model_args[key] = value[0] if key == "hidden" and args.model == "cnn" else value
+    if args.teachers is None and (args.distill_weight is not None or args.distill_temperature is not None):
+        raise ValueError("--distill-weight and --distill-temperature need --teachers (the checkpoints that teach)")
+    if args.distill_weight is not None and not 0 <= args.distill_weight <= 1:
+        raise ValueError(f"--distill-weight must be in [0, 1], got {args.distill_weight}")
+    if args.distill_temperature is not None and args.distill_temperature <= 0:
+        raise ValueError(f"--distill-temperature must be > 0, got {args.distill_temperature}")
+    for teacher in args.teachers or ():
+        if not Path(teacher).is_file():
+            raise ValueError(f"no such teacher checkpoint: {teacher}")
     recipe = default_recipe(
         args.model,
         model_args=model_args,
@@ -99,9 +108,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         if path.suffix == ".onnx"
         else evaluate_checkpoint(paths, _data_dir(args.data_dir))
     )
-    if len(paths) > 1:
-        path = f"ensemble of {len(paths)} (mean logits)"
-    print(f"{path}: test accuracy {100 * result['accuracy']:.2f}% on {result['count']} images")
+    label = f"ensemble of {len(paths)} (mean logits)" if len(paths) > 1 else str(path)
+    print(f"{label}: test accuracy {100 * result['accuracy']:.2f}% on {result['count']} images")
     for digit, acc in enumerate(result["per_class_accuracy"]):
         print(f"  digit {digit}: {100 * acc:.2f}%")
     if "ece" in result:
@@ -249,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     args.argv = sys.argv[1:] if argv is None else argv
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s")
     logging.getLogger("training.data").setLevel(logging.INFO)  # say which data source is being tried
+    logging.getLogger("training.train.run").setLevel(logging.INFO)  # say where a run writes, as it starts
     try:
         return args.fn(args)
     except (DataError, ValueError, FileNotFoundError) as exc:

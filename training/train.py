@@ -29,6 +29,8 @@ from training.evaluate import evaluate_model
 from training.models import build, count_parameters
 
 log = logging.getLogger(__name__)
+# Where a run writes, said as it starts (the CLI shows it): known even if the run is stopped before its summary.
+run_log = logging.getLogger(f"{__name__}.run")
 
 RUNS_DIR = Path(__file__).resolve().parent.parent / "runs"
 # The score behind "not a digit" (see training/calibrate.py and docs/training.md for the comparison).
@@ -226,7 +228,7 @@ def train(
     channels_last = recipe.model != "mlp"
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    teacher = load_teachers(recipe.teachers, device, channels_last) if recipe.teachers else None
+    teacher = load_teachers(recipe, device, channels_last) if recipe.teachers else None
 
     steps_per_epoch = math.ceil(len(data.train_images) / recipe.batch_size)
     optimiser = torch.optim.AdamW(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
@@ -258,7 +260,7 @@ def train(
 
     run_dir = _new_run_dir(runs_dir, f"{recipe.model}-{datetime.now():%Y%m%d-%H%M%S}")
     run_id = run_dir.name
-    print(f"writing {run_dir}", file=sys.stderr, flush=True)  # known before the end, even if the run is stopped
+    run_log.info("writing %s", run_dir)
     checkpoint_path = run_dir / "best.pt"
 
     history: list[dict] = []
@@ -291,7 +293,9 @@ def train(
                 else:
                     with torch.no_grad():
                         taught = teacher(x[: len(idx)]).float()
-                    loss = distill_loss(logits[: len(idx)], taught, labels, recipe, loss_fn)
+                    loss = distill_loss(
+                        logits[: len(idx)], taught, labels, recipe.distill_weight, recipe.distill_temperature, loss_fn
+                    )
                 if outliers is not None:
                     loss = loss + recipe.outlier_weight * uniform_loss(logits[len(idx) :])
             optimiser.zero_grad(set_to_none=True)
@@ -330,7 +334,8 @@ def train(
     train_cpu_seconds = time.process_time() - start_cpu  # all threads: the CPU the run really used
 
     # The test set is used once, here, on the checkpoint chosen by validation accuracy.
-    checkpoint = torch.load(checkpoint_path, map_location=device, weights_only=True)
+    # On the CPU: the file is saved again below and must stay loadable on a machine without the GPU it came from.
+    checkpoint = torch.load(checkpoint_path, map_location="cpu", weights_only=True)
     model.load_state_dict(checkpoint["state_dict"])
     calibration = calibrate(model, data, recipe, device)
     test = evaluate_model(model, data.test_images, data.test_labels, device, calibration["temperature"])
@@ -394,27 +399,45 @@ def stop_early(epoch: int, best_epoch: int, recipe: Recipe) -> bool:
     return epoch - max(best_epoch, recipe.epochs // 2) >= recipe.patience
 
 
-def load_teachers(paths: tuple[str, ...], device: torch.device, channels_last: bool) -> nn.Module:
-    """The teachers' checkpoints as one frozen model that returns their mean logits."""
-    from training.evaluate import load_checkpoint
-    from training.models import Ensemble
+def load_teachers(recipe: Recipe, device: torch.device, channels_last: bool) -> nn.Module:
+    """The teachers' checkpoints as one frozen model that returns their mean logits.
 
-    teacher = Ensemble([load_checkpoint(Path(p), device.type)[0] for p in paths]).to(device).eval()
+    Each teacher must have held out the student's validation digits (same split seed, size and subset): a teacher
+    that trained on them would leak them into the student's checkpoint choice, temperature and thresholds.
+    """
+    from training.evaluate import load_ensemble
+
+    teacher, checkpoints = load_ensemble([Path(p) for p in recipe.teachers], device.type)
+    for path, checkpoint in zip(recipe.teachers, checkpoints, strict=True):
+        theirs = Recipe(**checkpoint["recipe"])
+        split = (theirs.validation_seed(), theirs.val_size, theirs.train_subset)
+        if split != (recipe.validation_seed(), recipe.val_size, recipe.train_subset):
+            raise ValueError(
+                f"teacher {path} held out another validation split (seed, size, subset {split}) than this run "
+                f"({recipe.validation_seed()}, {recipe.val_size}, {recipe.train_subset}): train teachers and "
+                "student with the same --split-seed"
+            )
+    teacher = teacher.to(device).eval()
     if channels_last:
         teacher = teacher.to(memory_format=torch.channels_last)
     return teacher.requires_grad_(False)
 
 
 def distill_loss(
-    logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, recipe: Recipe, label_loss: nn.Module
+    logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    weight: float,
+    temperature: float,
+    label_loss: nn.Module,
 ) -> torch.Tensor:
     """The labels' loss blended with KL(teacher || student) at a temperature T, scaled by T^2 so that its gradients
-    keep their size as T changes (Hinton et al. 2015). The teachers see the same augmented batch as the student."""
-    t = recipe.distill_temperature
+    keep their size as T changes (Hinton et al. 2015). The teachers see the same augmented batch as the student.
+    A student's `train_loss` is this blend, so it is not comparable with a plain run's."""
+    t = temperature
     student, teacher = F.log_softmax(logits / t, dim=1), F.log_softmax(teacher_logits / t, dim=1)
     matched = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-    w = recipe.distill_weight
-    return (1 - w) * label_loss(logits, labels) + w * t * t * matched
+    return (1 - weight) * label_loss(logits, labels) + weight * t * t * matched
 
 
 def uniform_loss(logits: torch.Tensor) -> torch.Tensor:
