@@ -25,6 +25,7 @@ import onnxruntime as ort
 
 from service.inference.runtime import ModelError, create_session
 from training.data import given_dir, load_arrays
+from training.evaluate import onnx_probabilities
 
 EXPORTED = Path(__file__).resolve().parent.parent / "exported"
 BATCHES = (1, 8, 64, 512, 4096)
@@ -44,17 +45,10 @@ def time_runs(session: ort.InferenceSession, pixels: np.ndarray, seconds: float 
     return statistics.median(times)
 
 
-def probabilities(session: ort.InferenceSession, pixels: np.ndarray) -> np.ndarray:
-    """The graph's probabilities [N, 10] for float32 pixels [N, 1, 28, 28] in [0, 1], 1,000 images per run."""
-    name = session.get_inputs()[0].name
-    batches = [pixels[i : i + 1000] for i in range(0, len(pixels), 1000)]
-    return np.concatenate([session.run(["probabilities"], {name: b})[0] for b in batches])
-
-
-def measure(path: Path, pixels: np.ndarray, labels: np.ndarray, threads: int) -> dict:
+def measure(path: Path, images: np.ndarray, labels: np.ndarray, threads: int) -> dict:
     """One model on each provider that starts. Returns {"model", "test_accuracy": {device: fraction},
     "median_ms": {device: {batch: ms}}, and either "cuda_providers", "max_probability_difference" and
-    "different_predictions", or "cuda_error" (the service's own message)}; pixels as `probabilities` takes them."""
+    "different_predictions", or "cuda_error" (the service's own message)}; images uint8 [N, 28, 28]."""
     cpu = create_session(path, "cpu", threads)
     sessions = {"cpu": cpu}
     result: dict = {"model": path.stem}
@@ -64,7 +58,8 @@ def measure(path: Path, pixels: np.ndarray, labels: np.ndarray, threads: int) ->
         result["cuda_providers"] = cuda.get_providers()
     except ModelError as exc:
         result["cuda_error"] = str(exc)
-    answers = {device: probabilities(s, pixels) for device, s in sessions.items()}
+    answers = {device: onnx_probabilities(s, images) for device, s in sessions.items()}
+    pixels = images[:, None].astype(np.float32) / 255.0  # what the graph takes (training/export.py)
     result["test_accuracy"] = {d: float((p.argmax(1) == labels).mean()) for d, p in answers.items()}
     if "cuda" in answers:
         result["max_probability_difference"] = float(np.abs(answers["cuda"] - answers["cpu"]).max())
@@ -82,14 +77,14 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args()
     arrays = load_arrays(given_dir())  # MNIST_DATA_DIR, as `python -m training` reads it
-    pixels = arrays["t10k-images-idx3-ubyte"][:, None].astype(np.float32) / 255.0
+    images = arrays["t10k-images-idx3-ubyte"]
     labels = arrays["t10k-labels-idx1-ubyte"].astype(np.int64)
     names = args.models or sorted(f.stem for f in EXPORTED.glob("*.onnx"))
     print(f"onnxruntime {ort.__version__}, available providers {ort.get_available_providers()}")
     print(f"{platform.machine()} CPU, {os.cpu_count()} cores; CPU sessions use {args.threads} threads")
     results = []
     for name in names:
-        r = measure(EXPORTED / f"{name}.onnx", pixels, labels, args.threads)
+        r = measure(EXPORTED / f"{name}.onnx", images, labels, args.threads)
         results.append(r)
         acc = ", ".join(f"{d} {100 * a:.2f}%" for d, a in r["test_accuracy"].items())
         print(f"\n{name}: test accuracy {acc}")

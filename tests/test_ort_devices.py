@@ -18,8 +18,7 @@ def test_the_cpu_session_reads_the_test_set_as_recorded() -> None:
     if data is None:
         pytest.skip("MNIST test files not found")
     images, labels = data
-    pixels = images[:, None].astype(np.float32) / 255.0
-    result = measure(EXPORTED / "mnist-cnn-tiny.onnx", pixels, labels.astype(np.int64), threads=1)
+    result = measure(EXPORTED / "mnist-cnn-tiny.onnx", images, labels.astype(np.int64), threads=1)
     recorded = json.loads((EXPORTED / "models.json").read_text())["models"]["mnist-cnn-tiny"]["test_accuracy"]
     assert result["test_accuracy"]["cpu"] == pytest.approx(recorded, abs=1e-4)
     assert set(result["median_ms"]["cpu"]) == {str(b) for b in BATCHES}

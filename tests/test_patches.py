@@ -186,3 +186,19 @@ def test_a_stuck_request_holds_the_shutdown_no_longer_than_the_bound(tmp_path: P
     assert "graceful shutdown bounded at 2s" in log
     # The bound, plus the worker's and the supervisor's own stopping; far below the request's 100 s.
     assert bound_s <= took < bound_s + 15, (took, log[-3000:])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="SO_ATTACH_FILTER is Linux's")
+def test_the_drain_holds_new_connections_off_before_its_last_accept() -> None:
+    """After refuse_new_handshakes a new client's SYN is dropped (its connect times out rather than completing into
+    the listen queue, where the shutdown would reset it); before it, the same connect completes."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=2):
+            pass  # a plain listening socket takes connections
+        assert patches.refuse_new_handshakes(listener)
+        with pytest.raises(TimeoutError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+            pass
+    # Not TCP: nothing to filter, and it says so.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix:
+        assert not patches.refuse_new_handshakes(unix)

@@ -14,22 +14,16 @@ from pathlib import Path
 # 2-core machine shared with other work, spinning threads made a CNN step 2.9x slower (969 vs 340 ms, measured).
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
-from training.data import DEFAULT_CACHE, DataError
+from training.data import DEFAULT_CACHE, DataError, given_dir
 
 REPO = Path(__file__).resolve().parent.parent
 SCRATCH_DIR = REPO / "runs" / "export"  # where an export goes unless told: never what the service ships
 
 
-def _data_dir(value: str | None) -> Path | None:
-    from training.data import given_dir
-
-    return given_dir(value)
-
-
 def cmd_data(args: argparse.Namespace) -> int:
     from training.data import locate
 
-    paths = locate(_data_dir(args.data_dir))
+    paths = locate(given_dir(args.data_dir))
     for name, path in paths.items():
         print(f"{name}: {path} (SHA-256 verified)")
     return 0
@@ -77,7 +71,7 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     from training.data import load_mnist
 
-    data = load_mnist(_data_dir(args.data_dir), recipe.val_size, recipe.validation_seed(), recipe.train_subset)
+    data = load_mnist(given_dir(args.data_dir), recipe.val_size, recipe.validation_seed(), recipe.train_subset)
     command = "python -m training " + " ".join(shlex.quote(a) for a in args.argv)
     result = train(recipe, device, data, command=command)
     m = result.metrics
@@ -104,9 +98,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if len(paths) > 1 and any(p.suffix == ".onnx" for p in paths):
         raise ValueError("an ensemble is measured from checkpoints (.pt), not from ONNX files")
     result = (
-        evaluate_onnx(path, _data_dir(args.data_dir), ood=args.ood)
+        evaluate_onnx(path, given_dir(args.data_dir), ood=args.ood)
         if path.suffix == ".onnx"
-        else evaluate_checkpoint(paths, _data_dir(args.data_dir))
+        else evaluate_checkpoint(paths, given_dir(args.data_dir))
     )
     label = f"ensemble of {len(paths)} (mean logits)" if len(paths) > 1 else str(path)
     print(f"{label}: test accuracy {100 * result['accuracy']:.2f}% on {result['count']} images")
@@ -162,7 +156,7 @@ def cmd_export(args: argparse.Namespace) -> int:
             out,
             name=args.name,
             int8=args.int8,
-            data_dir=_data_dir(args.data_dir),
+            data_dir=given_dir(args.data_dir),
             replace=args.replace,
         )
     except ExportError as exc:  # a refused replacement or a failed verification: nothing was written

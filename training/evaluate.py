@@ -97,13 +97,13 @@ def load_ensemble(paths: list[Path], device: str = "cpu") -> tuple[torch.nn.Modu
     return model, [checkpoint for _, checkpoint in loaded]
 
 
-def evaluate_checkpoint(paths: Path | list[Path], data_dir: Path | None = None) -> dict:
+def evaluate_checkpoint(paths: list[Path], data_dir: Path | None = None) -> dict:
     """Test accuracy of a checkpoint, or of several as one ensemble (the mean of their logits)."""
     import torch
 
     from training.data import load_mnist
 
-    model, _ = load_ensemble([paths] if isinstance(paths, Path) else paths)
+    model, _ = load_ensemble(paths)
     data = load_mnist(data_dir=data_dir)
     return evaluate_model(model, data.test_images, data.test_labels, torch.device("cpu"))
 

@@ -417,8 +417,7 @@ def load_teachers(recipe: Recipe, device: torch.device, channels_last: bool) -> 
                 f"({recipe.validation_seed()}, {recipe.val_size}, {recipe.train_subset}): train teachers and "
                 "student with the same --split-seed"
             )
-    teacher = teacher.to(device).eval()
-    if channels_last:
+    if channels_last:  # load_ensemble put it on `device`, in eval mode
         teacher = teacher.to(memory_format=torch.channels_last)
     return teacher.requires_grad_(False)
 
